@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine (CPU is enough):
+#   make demo   - tiny SimPO run on CPU with 2 processes (tensor parallel)
+#   make test   - lint + the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch must be installed before anything that depends on it, or pip pulls a
+# multi-GB CUDA build. On a GPU machine, use an existing CUDA torch (see README).
+TORCH_SPEC ?= torch==2.13.0
+NPROC ?= 2
+
+.PHONY: install test demo lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(PY) -m ruff check megatron_simpo tests tools
+	$(PY) -m ruff format --check megatron_simpo tests tools
+
+format: install
+	$(PY) -m ruff format megatron_simpo tests tools
+	$(PY) -m ruff check --fix megatron_simpo tests tools
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m torch.distributed.run --nproc-per-node $(NPROC) -m megatron_simpo train \
+		--config examples/tiny_pretok.yaml --tensor-model-parallel-size 2 \
+		--tensorboard-dir runs/demo/tb --save runs/demo/ckpt
+	@echo "Metrics: runs/demo/tb/metrics.jsonl  Checkpoint: runs/demo/ckpt"
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs/demo/tb"
+
+clean:
+	rm -rf runs .pytest_cache

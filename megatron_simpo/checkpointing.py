@@ -1,0 +1,184 @@
+"""Checkpoints with Megatron-Core ``dist_checkpointing``: save at one layout, load at any other.
+
+Layout of ``--save DIR``::
+
+    DIR/latest_checkpointed_iteration.txt   the published iteration (written atomically)
+    DIR/iter_0000100/                        dist_checkpointing files (model, optimizer, ...)
+    DIR/iter_0000100/run_state.json          iteration, consumed pairs, the run's config
+
+A checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed once complete, and only then is
+the tracker updated, so a crash during save leaves the previous checkpoint published.
+Non-tensor state is kept in JSON; dist_checkpointing's tensor files are read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron_simpo import compat
+from megatron_simpo.errors import CheckpointError
+from megatron_simpo.model import unwrap
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RUN_STATE = "run_state.json"
+
+
+def _model_state(model: list) -> dict[str, Any]:
+    if len(model) == 1:
+        return {"model": unwrap(model[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(model)}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_dir(root: str | Path) -> Path | None:
+    """The directory of the published checkpoint under ``root`` (or ``root`` itself if it is a
+    single checkpoint), or None if there is none."""
+    root = Path(root)
+    tracker = root / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if not text.isdigit():
+            raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
+        path = root / f"iter_{int(text):07d}"
+        if not path.is_dir():
+            raise CheckpointError(f"{tracker} names iteration {text} but {path} is missing")
+        return path
+    if (root / "metadata.json").is_file():
+        return root
+    return None
+
+
+def read_run_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / RUN_STATE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def save_checkpoint(
+    root: str | Path,
+    iteration: int,
+    model: list,
+    optimizer=None,
+    scheduler=None,
+    run_state: dict[str, Any] | None = None,
+) -> Path:
+    """Saves model (and optimizer/scheduler if given) at ``iteration``; collective."""
+    root = Path(root)
+    final = root / f"iter_{iteration:07d}"
+    tmp = root / f"iter_{iteration:07d}.tmp"
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    state = _model_state(model)
+    if optimizer is not None:
+        merged = {}
+        for v in state.values():
+            merged.update(v)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            merged, is_loading=False, metadata=compat.OPTIMIZER_CKPT_METADATA
+        )
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(state, tmp)
+    _barrier()
+    if dist.get_rank() == 0:
+        info = dict(run_state or {})
+        info.update(iteration=iteration, has_optimizer=optimizer is not None)
+        (tmp / RUN_STATE).write_text(json.dumps(info, indent=1, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = root / (TRACKER + ".tmp")
+        tracker_tmp.write_text(f"{iteration}\n")
+        os.replace(tracker_tmp, root / TRACKER)
+    _barrier()
+    return final
+
+
+def load_checkpoint(
+    root: str | Path, model: list, optimizer=None, scheduler=None
+) -> dict[str, Any]:
+    """Loads weights (and optimizer/scheduler state when the checkpoint has them and an
+    optimizer is given) into this layout; returns the checkpoint's run state."""
+    ckpt = checkpoint_dir(root)
+    if ckpt is None:
+        raise CheckpointError(
+            f"--load {root}: no checkpoint there (neither {TRACKER} nor metadata.json)"
+        )
+    info = read_run_state(ckpt)
+    state = _model_state(model)
+    resume = optimizer is not None and info.get("has_optimizer", False)
+    if resume:
+        merged = {}
+        for v in state.values():
+            merged.update(v)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            merged, is_loading=True, metadata=compat.OPTIMIZER_CKPT_METADATA
+        )
+    try:
+        loaded = dist_checkpointing.load(state, str(ckpt))
+    except Exception as e:  # dist_checkpointing raises several types for mismatches
+        raise CheckpointError(
+            f"--load {ckpt}: the checkpoint does not match this model ({type(e).__name__}: "
+            f"{str(e)[:500]}); check the model config and vocabulary"
+        ) from e
+    for key, chunk in zip([k for k in state if k.startswith("model")], model):
+        unwrap(chunk).load_state_dict(loaded[key])
+    if resume:
+        optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler is not None and "scheduler" in loaded:
+            scheduler.load_state_dict(loaded["scheduler"])
+    info["resumed_optimizer"] = resume
+    return info
+
+
+@contextmanager
+def grads_as_params(model: list):
+    """Temporarily swaps each parameter's data with its fp32 main gradient, so the sharded state
+    dict (and a dist checkpoint of it) holds gradients in the layout-independent format."""
+    swapped = []
+    for chunk in model:
+        for p in chunk.parameters():
+            g = getattr(p, "main_grad", None)
+            if g is None:
+                continue
+            swapped.append((p, p.data))
+            p.data = g.view_as(p).to(p.dtype)
+    try:
+        yield
+    finally:
+        for p, data in swapped:
+            p.data = data
+
+
+def save_tensors(path: str | Path, model: list) -> None:
+    """Saves only the model tensors (weights, or gradients inside :func:`grads_as_params`)."""
+    path = Path(path)
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(_model_state(model), path)
+    _barrier()
+
+
+def load_full_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a dist checkpoint, unsharded, keyed by its global name."""
+    return dist_checkpointing.load_plain_tensors(str(path))

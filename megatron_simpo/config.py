@@ -1,0 +1,360 @@
+"""One typed configuration tree for a SimPO run.
+
+Every field is documented by the string under it; that docstring is also the CLI help.
+YAML files (``--config FILE``, one section per dataclass: ``model``, ``parallel``, ``loss``,
+``optim``, ``train``, ``data``, ``logging``) and command-line flags (``--field-name``,
+Megatron-LM's names where one exists) are thin layers over it: flags override the file.
+:meth:`RunConfig.validate` checks every combination that can be checked before any
+process-group work and names the flag to fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from megatron_simpo.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Llama-architecture model shape, in Hugging Face ``config.json`` terms."""
+
+    vocab_size: int = 256
+    """Number of real tokens in the vocabulary (before padding for tensor parallelism)."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    intermediate_size: int = 128
+    """Width of the SwiGLU MLP."""
+    num_hidden_layers: int = 4
+    """Number of transformer layers."""
+    num_attention_heads: int = 4
+    """Number of query heads."""
+    num_key_value_heads: int | None = None
+    """Number of key/value heads (grouped-query attention); None means equal to query heads."""
+    max_position_embeddings: int = 2048
+    """Longest sequence the model is built for."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon of the RMSNorm layers."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rope_scaling: dict | None = None
+    """HF ``rope_scaling`` dict; only Llama-3 style (``rope_type: llama3``) is supported."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding and the output layer."""
+    initializer_range: float = 0.02
+    """Std of the normal init for fresh (not loaded) weights."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times the TP size (padded rows never score)."""
+
+    @classmethod
+    def from_hf_config(cls, path: str | Path) -> ModelConfig:
+        """Reads the Llama fields of a Hugging Face ``config.json`` (file or its directory)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        try:
+            raw = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--model-config: cannot read {p}: {e}") from None
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int) -> int:
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over ranks (data parallel = world / (TP x PP))."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (splits heads, MLP and vocabulary)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (splits layers)."""
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """Layers per virtual pipeline stage (interleaved schedule); None disables it."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence in the non-tensor-parallel regions (needs TP > 1)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state (and fp32 master weights) over data-parallel ranks."""
+    distributed_timeout_minutes: int = 10
+    """Timeout of collectives, so a dead rank surfaces as an error instead of a hang."""
+
+
+@dataclass
+class LossConfig:
+    """The SimPO objective (see ``megatron_simpo/loss.py``)."""
+
+    beta: float = 2.0
+    """Reward scale: r = beta * mean response-token log-prob."""
+    gamma_beta_ratio: float | None = None
+    """Target margin as gamma / beta (reference-code convention). Default 0.5 if no margin set."""
+    simpo_gamma: float | None = None
+    """Absolute target margin gamma (TRL's convention); exclusive with --gamma-beta-ratio."""
+    loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
+    """'sigmoid': -log sigmoid(margin); 'hinge': relu(1 - margin)."""
+    label_smoothing: float = 0.0
+    """Conservative (label-smoothed) sigmoid loss, in [0, 0.5)."""
+    sft_weight: float = 0.0
+    """Weight of an NLL term on the chosen response (per-token mean, averaged over pairs)."""
+
+    @property
+    def gamma(self) -> float:
+        """The absolute margin gamma."""
+        if self.simpo_gamma is not None:
+            return self.simpo_gamma
+        return self.beta * (0.5 if self.gamma_beta_ratio is None else self.gamma_beta_ratio)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup + cosine decay and gradient clipping."""
+
+    lr: float = 1e-6
+    """Peak learning rate (SimPO papers: 3e-7 to 1e-6)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    lr_warmup_iters: int = 0
+    """Linear warmup iterations."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup, down to --min-lr at --train-iters."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+
+@dataclass
+class TrainConfig:
+    """Batching, length of the run, precision, checkpoints."""
+
+    micro_batch_size: int = 1
+    """Pairs per micro-batch per data-parallel rank (each pair is 2 sequences)."""
+    global_batch_size: int = 8
+    """Pairs per optimizer step over all ranks (published SimPO runs: 128)."""
+    train_iters: int = 10
+    """Optimizer steps to run."""
+    seq_length: int = 1024
+    """Longest prompt+response sequence accepted (tokens)."""
+    seed: int = 1234
+    """Seed for init, data order and dropout."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Model dtype: 'auto' is bf16 on CUDA, fp32 on CPU. Log-probs are always fp32."""
+    recompute_granularity: Literal["full", "selective"] | None = None
+    """Activation recompute (passed to Megatron-Core's TransformerConfig)."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    """How layers are grouped for full recompute."""
+    recompute_num_layers: int | None = None
+    """Layers per recompute group (full recompute)."""
+    load: str | None = None
+    """Checkpoint directory to start from (weights; optimizer and iteration if present)."""
+    save: str | None = None
+    """Directory for checkpoints."""
+    save_interval: int | None = None
+    """Save every N iterations (and at the end) when --save is set."""
+    exit_interval: int | None = None
+    """Stop (after saving, if --save) once the iteration count is a multiple of N."""
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    data_path: str | None = None
+    """Pre-tokenised JSONL: {"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...]}."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where and how often metrics go."""
+
+    log_interval: int = 1
+    """Print (and write) metrics every N iterations."""
+    tensorboard_dir: str | None = None
+    """TensorBoard event files and metrics.jsonl go here."""
+
+
+@dataclass
+class RunConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
+        """Builds a config from nested sections; unknown sections or keys are errors."""
+        cfg = cls()
+        for section, values in raw.items():
+            if section not in SECTIONS:
+                raise ConfigError(
+                    f"{source}: unknown section '{section}'; expected one of {sorted(SECTIONS)}"
+                )
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section '{section}' must be a mapping")
+            target = getattr(cfg, section)
+            known = {f.name for f in fields(target)}
+            for key, value in values.items():
+                key = key.replace("-", "_")
+                if key not in known:
+                    raise ConfigError(
+                        f"{source}: unknown key '{section}.{key}'; known keys: {sorted(known)}"
+                    )
+                setattr(target, key, value)
+        return cfg
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Checks everything checkable before process groups exist; raises ConfigError."""
+        m, p, t, lo = self.model, self.parallel, self.train, self.loss
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        for name, v in [
+            ("--tensor-model-parallel-size", tp),
+            ("--pipeline-model-parallel-size", pp),
+            ("--micro-batch-size", t.micro_batch_size),
+            ("--global-batch-size", t.global_batch_size),
+            ("--train-iters", t.train_iters),
+            ("--seq-length", t.seq_length),
+        ]:
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if m.num_attention_heads % tp:
+            raise ConfigError(
+                f"--tensor-model-parallel-size {tp} must divide num_attention_heads "
+                f"({m.num_attention_heads}); choose a TP size that divides it"
+            )
+        if m.kv_heads % tp:
+            raise ConfigError(
+                f"--tensor-model-parallel-size {tp} must divide num_key_value_heads ({m.kv_heads})"
+            )
+        if m.num_attention_heads % m.kv_heads:
+            raise ConfigError(
+                f"model.num_key_value_heads ({m.kv_heads}) must divide num_attention_heads "
+                f"({m.num_attention_heads})"
+            )
+        if m.intermediate_size % tp:
+            raise ConfigError(
+                f"--tensor-model-parallel-size {tp} must divide intermediate_size "
+                f"({m.intermediate_size})"
+            )
+        if m.num_hidden_layers % pp:
+            raise ConfigError(
+                f"--pipeline-model-parallel-size {pp} must divide num_hidden_layers "
+                f"({m.num_hidden_layers})"
+            )
+        vpl = p.num_layers_per_virtual_pipeline_stage
+        if vpl is not None:
+            if pp < 2:
+                raise ConfigError(
+                    "--num-layers-per-virtual-pipeline-stage needs "
+                    "--pipeline-model-parallel-size > 1"
+                )
+            per_stage = m.num_hidden_layers // pp
+            if vpl < 1 or per_stage % vpl:
+                raise ConfigError(
+                    f"--num-layers-per-virtual-pipeline-stage {vpl} must divide the "
+                    f"{per_stage} layers of each pipeline stage"
+                )
+        if p.sequence_parallel and tp == 1:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if m.rope_scaling is not None:
+            kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
+            if kind != "llama3":
+                raise ConfigError(
+                    f"model.rope_scaling type {kind!r} is not supported; only 'llama3' is"
+                )
+        if lo.gamma_beta_ratio is not None and lo.simpo_gamma is not None:
+            raise ConfigError(
+                "--gamma-beta-ratio and --simpo-gamma both set: give exactly one "
+                "(gamma = gamma_beta_ratio * beta, or the absolute --simpo-gamma)"
+            )
+        if lo.loss_type not in ("sigmoid", "hinge"):
+            raise ConfigError(f"--loss-type must be 'sigmoid' or 'hinge', got {lo.loss_type!r}")
+        if not 0.0 <= lo.label_smoothing < 0.5:
+            raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {lo.label_smoothing}")
+        if lo.loss_type == "hinge" and lo.label_smoothing:
+            raise ConfigError("--label-smoothing applies to --loss-type sigmoid only")
+        if lo.beta <= 0:
+            raise ConfigError(f"--beta must be positive, got {lo.beta}")
+        if lo.sft_weight < 0:
+            raise ConfigError(f"--sft-weight must be >= 0, got {lo.sft_weight}")
+        if t.save_interval is not None and t.save is None:
+            raise ConfigError("--save-interval needs --save DIR")
+        if self.data.data_path is None:
+            raise ConfigError("--data-path is required (pre-tokenised JSONL)")
+        if world_size is not None:
+            if world_size % (tp * pp):
+                raise ConfigError(
+                    f"world size {world_size} is not divisible by TP x PP = {tp * pp}; "
+                    "change --nproc-per-node/--nnodes or the parallel sizes"
+                )
+            dp = world_size // (tp * pp)
+            if t.global_batch_size % (t.micro_batch_size * dp):
+                raise ConfigError(
+                    f"--global-batch-size {t.global_batch_size} must be divisible by "
+                    f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}"
+                )
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "logging": LoggingConfig,
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it (used for CLI help)."""
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation."""
+    return typing.get_type_hints(cls)

@@ -1,0 +1,64 @@
+"""Run metrics: a console line, TensorBoard scalars and ``metrics.jsonl`` (same keys).
+
+Names follow TRL's CPO/SimPO trainer so curves compare: ``loss``, ``rewards/chosen``,
+``rewards/rejected``, ``rewards/margins`` (chosen minus rejected reward, without gamma),
+``rewards/accuracies`` (fraction of pairs with chosen reward > rejected), ``logps/chosen``,
+``logps/rejected`` (mean log-prob per response token). Also: ``length/chosen``,
+``length/rejected`` (mean response tokens), ``lr``, ``grad_norm``, ``pairs`` (pairs in the
+iteration), ``tokens`` (non-padding tokens; chosen and rejected each counted with their prompt),
+``iteration_time`` (s), ``tokens_per_sec``, ``pairs_per_sec``, ``consumed_pairs``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Writes metrics from the one rank that logs (the caller decides which rank that is)."""
+
+    def __init__(self, tensorboard_dir: str | None, config: dict[str, Any] | None = None) -> None:
+        self.tb = None
+        self.jsonl = None
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(tensorboard_dir).mkdir(parents=True, exist_ok=True)
+            self.tb = SummaryWriter(log_dir=tensorboard_dir)
+            self.jsonl = open(Path(tensorboard_dir) / "metrics.jsonl", "a", buffering=1)
+            if config is not None:
+                text = "```\n" + json.dumps(config, indent=2, default=str) + "\n```"
+                self.tb.add_text("config", text, 0)
+
+    def write(self, iteration: int, metrics: dict[str, float]) -> None:
+        record = {"iteration": iteration, **metrics}
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, int | float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, iteration)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def console_line(iteration: int, total: int, m: dict[str, float], start_time: float) -> str:
+    """One readable line per logged iteration."""
+    elapsed = time.time() - start_time
+    eta = elapsed / max(iteration, 1) * (total - iteration)
+    return (
+        f"iter {iteration}/{total} | loss {m['loss']:.4f} | acc {m['rewards/accuracies']:.3f} | "
+        f"margin {m['rewards/margins']:.4f} | logps c/r {m['logps/chosen']:.3f}/"
+        f"{m['logps/rejected']:.3f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
+        f"{m['tokens_per_sec']:.0f} tok/s | {m['iteration_time']:.2f} s/it | "
+        f"elapsed {elapsed:.0f}s eta {eta:.0f}s"
+    )

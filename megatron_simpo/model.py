@@ -1,0 +1,211 @@
+"""Builds a stock Megatron-Core GPT model for a Llama-architecture config.
+
+SimPO needs no new layer: the model is Megatron-Core's ``GPTModel`` with its own layer spec
+(Transformer Engine's when TE is importable and CUDA is present, the local spec otherwise), split
+over the tensor/pipeline groups that :mod:`megatron_simpo.parallel` created, and wrapped in
+Megatron-Core's DDP. The only local addition is an RMSNorm that declares its weight
+sequence-parallel, which the local spec's torch norm does not (TE/apex norms do).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+
+from megatron_simpo.config import RunConfig
+from megatron_simpo.errors import ConfigError
+
+# Megatron-Core's RotaryEmbedding applies Llama-3 scaling with these fixed constants; other values
+# would silently differ from the Hugging Face model, so they are refused.
+_MCORE_LLAMA3_ROPE = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` with the constructor Megatron specs call and SP-tagged weight.
+
+    Under sequence parallelism each TP rank normalises a different slice of the sequence, so the
+    weight's gradient is partial; Megatron all-reduces it over TP for params tagged
+    ``sequence_parallel`` (``finalize_model_grads``). Torch's norm lacks the tag, which is why the
+    local spec refuses SP.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
+
+
+def have_transformer_engine() -> bool:
+    """Whether Transformer Engine is importable (it is only used together with CUDA)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def model_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype of the model's parameters and activations."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def transformer_config(cfg: RunConfig) -> TransformerConfig:
+    """Megatron-Core TransformerConfig for a Llama-architecture model and the run's parallelism."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    dtype = model_dtype(cfg)
+    cuda = torch.cuda.is_available()
+    vpp = None
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = m.num_hidden_layers // p.pipeline_model_parallel_size
+        vpp = per_stage // p.num_layers_per_virtual_pipeline_stage
+    return TransformerConfig(
+        num_layers=m.num_hidden_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.intermediate_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.kv_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.initializer_range,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # The loss returns (sum over pairs, pair count, report): gradients are divided by the
+        # global pair count, so every layout computes the same update.
+        calculate_per_token_loss=True,
+        # Fusions that need apex/TE kernels stay off without them.
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=cuda,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        persist_layer_norm=False,
+        # gloo: batched p2p gives wrong interleaved-pipeline results (measured); NCCL is fine.
+        batch_p2p_comm=cuda,
+        use_cpu_initialization=not cuda,
+        recompute_granularity=t.recompute_granularity,
+        recompute_method=t.recompute_method,
+        recompute_num_layers=t.recompute_num_layers,
+    )
+
+
+def _layer_spec(use_te: bool) -> tuple[ModuleSpec, type | None]:
+    """The per-layer spec and the final-norm module (None: let Megatron pick)."""
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec(), None
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.input_layernorm = SequenceParallelRMSNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    return spec, SequenceParallelRMSNorm
+
+
+def _check_rope(cfg: RunConfig) -> tuple[bool, float]:
+    scaling = cfg.model.rope_scaling
+    if scaling is None:
+        return False, 8.0
+    for key, expected in _MCORE_LLAMA3_ROPE.items():
+        if key in scaling and float(scaling[key]) != expected:
+            raise ConfigError(
+                f"model.rope_scaling.{key}={scaling[key]} is not supported (Megatron-Core's "
+                f"Llama-3 RoPE scaling uses {expected}); supported: {_MCORE_LLAMA3_ROPE}"
+            )
+    return True, float(scaling.get("factor", 8.0))
+
+
+def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
+    """Builds this rank's model chunks (one per virtual pipeline stage).
+
+    Must run after :func:`megatron_simpo.parallel.initialize`.
+    """
+    if use_te is None:
+        use_te = have_transformer_engine() and torch.cuda.is_available()
+    tconf = transformer_config(cfg)
+    layer_spec, final_norm = _layer_spec(use_te)
+    rope_scaling, rope_factor = _check_rope(cfg)
+    vpp = tconf.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        spec: ModuleSpec | TransformerBlockSubmodules = layer_spec
+        if final_norm is not None:
+            n = get_num_layers_to_build(tconf, vp_stage=stage)
+            spec = ModuleSpec(
+                module=TransformerBlock,
+                submodules=TransformerBlockSubmodules(
+                    layer_specs=[layer_spec] * n, layer_norm=final_norm
+                ),
+            )
+        model = GPTModel(
+            config=tconf,
+            transformer_layer_spec=spec,
+            vocab_size=cfg.model.padded_vocab_size(cfg.parallel.tensor_model_parallel_size),
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=cfg.model.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.model.rope_theta),
+            rope_scaling=rope_scaling,
+            rope_scaling_factor=rope_factor,
+            vp_stage=stage,
+        )
+        chunks.append(model)
+    return chunks
+
+
+def wrap_ddp(chunks: list[GPTModel], cfg: RunConfig) -> list[DistributedDataParallel]:
+    """Wraps chunks in Megatron-Core DDP (fp32 gradient buffers, optional distributed optimizer)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(
+            config=chunk.config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Only the first chunk's buffer is bucketed (Megatron-LM's convention).
+            disable_bucketing=i > 0,
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside a DDP wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

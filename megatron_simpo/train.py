@@ -1,0 +1,197 @@
+"""SimPO training with Megatron-Core (TP / PP / virtual PP / DP, SP, distributed optimizer).
+
+Run (CPU, gloo; the same command runs on CUDA/NCCL)::
+
+    torchrun --nproc-per-node 2 -m megatron_simpo train --config examples/tiny_pretok.yaml \\
+        --tensor-model-parallel-size 2 --train-iters 5
+
+    torchrun --nproc-per-node 4 -m megatron_simpo train --config examples/tiny_pretok.yaml \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_simpo import checkpointing, parallel
+from megatron_simpo.config import RunConfig
+from megatron_simpo.data import PairBatcher, read_pretokenized_jsonl
+from megatron_simpo.metrics import MetricsWriter, console_line
+from megatron_simpo.model import build_model, model_dtype, wrap_ddp
+from megatron_simpo.step import train_step
+
+
+def is_logging_rank() -> bool:
+    """First rank of the last pipeline stage (the one that holds the loss)."""
+    return (
+        ps.is_pipeline_last_stage()
+        and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_data_parallel_rank() == 0
+    )
+
+
+def build_optimizer(cfg: RunConfig, model: list):
+    """Megatron-Core optimizer (AdamW; distributed if configured) and LR scheduler."""
+    o, t = cfg.optim, cfg.train
+    dtype = model_dtype(cfg)
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_cfg, model)
+    decay_iters = max(t.train_iters, o.lr_warmup_iters + 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if o.lr_warmup_iters else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_iters,
+        lr_decay_steps=decay_iters,
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=decay_iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+class Trainer:
+    """Owns the model chunks, optimizer, data and the loop; one per parallel layout."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.iteration = 0
+        self.consumed_pairs = 0
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        cfg.validate(world_size=dist.get_world_size())
+        p = cfg.parallel
+        vpp = None
+        if p.num_layers_per_virtual_pipeline_stage is not None:
+            per_stage = cfg.model.num_hidden_layers // p.pipeline_model_parallel_size
+            vpp = per_stage // p.num_layers_per_virtual_pipeline_stage
+        parallel.init_model_parallel(
+            p.tensor_model_parallel_size,
+            p.pipeline_model_parallel_size,
+            vpp,
+            seed=cfg.train.seed,
+            timeout_minutes=p.distributed_timeout_minutes,
+        )
+        # Read (and validate) the data before building anything expensive.
+        pairs = read_pretokenized_jsonl(
+            cfg.data.data_path, cfg.model.vocab_size, cfg.train.seq_length
+        )
+        self.batcher = PairBatcher(
+            pairs,
+            global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=cfg.train.micro_batch_size,
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            seed=cfg.train.seed,
+            pad_multiple=p.tensor_model_parallel_size if p.sequence_parallel else 1,
+        )
+        chunks = build_model(cfg)
+        self.model = wrap_ddp(chunks, cfg)
+        chunks[0].config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        if cfg.train.load:
+            info = checkpointing.load_checkpoint(
+                cfg.train.load, self.model, self.optimizer, self.scheduler
+            )
+            if info["resumed_optimizer"]:
+                self.iteration = int(info.get("iteration", 0))
+                self.consumed_pairs = int(info.get("consumed_pairs", 0))
+
+    def step(self, after_backward: Callable[[], None] | None = None) -> dict[str, float]:
+        """One optimizer step on the next global batch (see ``step.train_step``)."""
+        start = time.perf_counter()
+        micro_batches, seq_len = self.batcher.micro_batches(self.iteration)
+        metrics = train_step(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            micro_batches,
+            seq_len,
+            self.cfg.loss,
+            self.cfg.model.vocab_size,
+            after_backward,
+        )
+        self.iteration += 1
+        self.consumed_pairs += self.cfg.train.global_batch_size
+        dt = time.perf_counter() - start
+        metrics.update(
+            iteration_time=dt,
+            tokens_per_sec=metrics["tokens"] / dt,
+            pairs_per_sec=metrics["pairs"] / dt,
+            consumed_pairs=float(self.consumed_pairs),
+        )
+        return metrics
+
+    def save(self) -> None:
+        checkpointing.save_checkpoint(
+            self.cfg.train.save,
+            self.iteration,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            run_state={"consumed_pairs": self.consumed_pairs, "config": self.cfg.to_dict()},
+        )
+
+    def train(self) -> list[dict[str, float]]:
+        """The loop: steps, logs, periodic and final checkpoints; returns logged metrics."""
+        cfg = self.cfg
+        t = cfg.train
+        log_rank = is_logging_rank()
+        writer = MetricsWriter(cfg.logging.tensorboard_dir if log_rank else None, cfg.to_dict())
+        history = []
+        start = time.time()
+        saved_at = self.iteration
+        try:
+            while self.iteration < t.train_iters:
+                metrics = self.step()
+                history.append(metrics)
+                it = self.iteration
+                if it % cfg.logging.log_interval == 0 or it == t.train_iters:
+                    if log_rank:
+                        writer.write(it, metrics)
+                        print(console_line(it, t.train_iters, metrics, start), flush=True)
+                if t.save and t.save_interval and it % t.save_interval == 0:
+                    self.save()
+                    saved_at = it
+                if t.exit_interval and it % t.exit_interval == 0:
+                    break
+            if t.save and saved_at != self.iteration:
+                self.save()
+        finally:
+            writer.close()
+        return history
+
+
+def run(cfg: RunConfig) -> list[dict[str, float]]:
+    """Entry point of ``megatron-simpo train``: initialise, train, tear down."""
+    parallel.init_distributed(cfg.parallel.distributed_timeout_minutes)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    history = trainer.train()
+    parallel.destroy_model_parallel()
+    return history

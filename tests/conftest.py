@@ -1,0 +1,64 @@
+"""Shared test helpers: free ports, multi-process gloo worlds, torchrun launches."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_entry(rank, world, port, fn, args):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(world: int, fn, *args) -> None:
+    """Runs ``fn(rank, world, *args)`` in ``world`` spawned processes joined by gloo; a failed
+    assertion in any rank fails the caller."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def torchrun(
+    nproc: int, args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    """Runs ``torchrun --nproc-per-node nproc ARGS`` with this interpreter."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        *args,
+    ]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO

@@ -1,0 +1,124 @@
+"""Runs named layouts of the integration matrix inside ONE torch.distributed world.
+
+    torchrun --nproc-per-node N tests/distributed/layout_runner.py --out DIR --data FILE L1 L2 ...
+
+Megatron-Core is imported once per process; between layouts only its model-parallel groups are
+rebuilt. A reference layout (no reference of its own) initialises fresh weights and writes them to
+``DIR/<name>/init`` for the layouts compared with it; every layout writes ``metrics.json``, its
+step-1 gradients (``grads/``, unless the distributed optimizer shards them) and its weights after
+the last step (``weights/``) as dist checkpoints, which ``tests/test_layouts.py`` compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from layouts import LAYOUTS, config_dict  # noqa: E402
+
+from megatron_simpo import parallel  # noqa: E402
+
+parallel.init_distributed()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megatron_simpo import checkpointing  # noqa: E402
+from megatron_simpo.config import RunConfig  # noqa: E402
+from megatron_simpo.step import reduce_reports, run_forward_backward  # noqa: E402
+from megatron_simpo.train import Trainer  # noqa: E402
+
+
+def directional_derivative(trainer: Trainer, eps: float = 1e-3) -> dict[str, float]:
+    """Central difference of the step-1 loss along d = g/|g|, to compare with |g|.
+
+    Cross-layout equality cannot see an error that scales every layout's gradient alike (say,
+    dividing by the pair count twice); this pins the reference's gradient to the loss it
+    reports. Single-process only (the reference layouts).
+    """
+    params = [p for chunk in trainer.model for p in chunk.parameters()]
+    grads = [p.main_grad.clone() for p in params]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+    micro_batches, seq_len = trainer.batcher.micro_batches(0)
+
+    def loss_at(scale: float) -> float:
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_(g, alpha=scale / norm)
+        reports = run_forward_backward(
+            trainer.model,
+            micro_batches,
+            seq_len,
+            trainer.cfg.loss,
+            trainer.cfg.model.vocab_size,
+            forward_only=True,
+        )
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(g, alpha=scale / norm)
+        return reduce_reports(reports)["loss"]
+
+    slope = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    return {"grad_l2": norm, "fd_slope": slope}
+
+
+def run_layout(name: str, out: Path, data: str) -> None:
+    world, ref, _ = LAYOUTS[name]
+    assert dist.get_world_size() == world, f"{name} needs {world} ranks"
+    load = str(out / ref / "init") if ref else None
+    cfg = RunConfig.from_dict(config_dict(name, data, load))
+    trainer = Trainer(cfg)
+    start = time.perf_counter()
+    trainer.setup()
+    if ref is None:
+        checkpointing.save_checkpoint(out / name / "init", 0, trainer.model)
+    distopt = cfg.parallel.use_distributed_optimizer
+
+    checks: dict[str, float] = {}
+
+    def export_grads() -> None:
+        with checkpointing.grads_as_params(trainer.model):
+            checkpointing.save_tensors(out / name / "grads", trainer.model)
+        if ref is None:
+            checks.update(directional_derivative(trainer))
+
+    history = []
+    step_times = []
+    for i in range(cfg.train.train_iters):
+        t0 = time.perf_counter()
+        history.append(trainer.step(export_grads if i == 0 and not distopt else None))
+        step_times.append(time.perf_counter() - t0)
+    checkpointing.save_tensors(out / name / "weights", trainer.model)
+    if dist.get_rank() == 0:
+        (out / name / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "history": history,
+                    "step_times": step_times,
+                    "grads_saved": not distopt,
+                    **checks,
+                    "wall": time.perf_counter() - start,
+                }
+            )
+        )
+    parallel.destroy_model_parallel()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("layouts", nargs="+")
+    args = ap.parse_args()
+    for name in args.layouts:
+        run_layout(name, Path(args.out), args.data)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

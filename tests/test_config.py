@@ -1,0 +1,212 @@
+"""Config tree: YAML + flags layering, validation messages that name the flag."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_simpo.cli import build_parser, config_from_args
+from megatron_simpo.config import SECTIONS, ModelConfig, RunConfig, field_docs
+from megatron_simpo.errors import ConfigError
+
+
+def parse(argv):
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+def valid(**sections) -> RunConfig:
+    cfg = RunConfig.from_dict({"data": {"data_path": "x.jsonl"}, **sections})
+    return cfg
+
+
+def test_every_field_is_documented():
+    for cls in SECTIONS.values():
+        docs = field_docs(cls)
+        for name in cls.__dataclass_fields__:
+            assert docs.get(name, "").strip(), f"{cls.__name__}.{name} has no docstring"
+
+
+def test_megatron_flag_names_exist():
+    cfg = parse(
+        [
+            "--tensor-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--num-layers-per-virtual-pipeline-stage",
+            "1",
+            "--sequence-parallel",
+            "--use-distributed-optimizer",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "64",
+            "--train-iters",
+            "7",
+            "--lr",
+            "3e-7",
+            "--min-lr",
+            "1e-8",
+            "--lr-warmup-iters",
+            "3",
+            "--clip-grad",
+            "0.5",
+            "--seed",
+            "9",
+            "--load",
+            "a",
+            "--save",
+            "b",
+            "--save-interval",
+            "5",
+            "--exit-interval",
+            "6",
+            "--tensorboard-dir",
+            "tb",
+            "--beta",
+            "10",
+            "--simpo-gamma",
+            "3",
+            "--label-smoothing",
+            "0.1",
+            "--sft-weight",
+            "0.2",
+            "--loss-type",
+            "hinge",
+        ]
+    )
+    p, t, lo, o = cfg.parallel, cfg.train, cfg.loss, cfg.optim
+    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size) == (2, 2)
+    assert p.num_layers_per_virtual_pipeline_stage == 1
+    assert p.sequence_parallel and p.use_distributed_optimizer
+    assert (t.micro_batch_size, t.global_batch_size, t.train_iters, t.seed) == (2, 64, 7, 9)
+    assert (o.lr, o.min_lr, o.lr_warmup_iters, o.clip_grad) == (3e-7, 1e-8, 3, 0.5)
+    assert (t.load, t.save, t.save_interval, t.exit_interval) == ("a", "b", 5, 6)
+    assert cfg.logging.tensorboard_dir == "tb"
+    assert (lo.beta, lo.simpo_gamma, lo.label_smoothing, lo.sft_weight, lo.loss_type) == (
+        10.0,
+        3.0,
+        0.1,
+        0.2,
+        "hinge",
+    )
+    assert lo.gamma == 3.0
+
+
+def test_flags_override_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  train_iters: 11\n  micro_batch_size: 3\nloss:\n  beta: 5.0\n")
+    cfg = parse(["--config", str(f), "--train-iters", "4"])
+    assert cfg.train.train_iters == 4  # flag wins
+    assert cfg.train.micro_batch_size == 3  # file value kept
+    assert cfg.loss.beta == 5.0
+    assert cfg.loss.gamma == 2.5  # default gamma_beta_ratio 0.5
+
+
+def test_yaml_unknown_key_names_file_and_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  trian_iters: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'train\.trian_iters'"):
+        parse(["--config", str(f)])
+    f.write_text("trainer:\n  x: 1\n")
+    with pytest.raises(ConfigError, match="unknown section 'trainer'"):
+        parse(["--config", str(f)])
+
+
+def test_hf_model_config(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "vocab_size": 1000,
+                "hidden_size": 128,
+                "intermediate_size": 256,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 2,
+                "rope_theta": 500000.0,
+                "tie_word_embeddings": True,
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 32.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                },
+            }
+        )
+    )
+    cfg = parse(["--model-config", str(tmp_path)])
+    m = cfg.model
+    assert (m.vocab_size, m.kv_heads, m.tie_word_embeddings, m.rope_theta) == (
+        1000,
+        2,
+        True,
+        500000.0,
+    )
+    assert m.padded_vocab_size(tp=2) == 1024  # multiple of 128 * 2
+    assert ModelConfig(vocab_size=128).padded_vocab_size(1) == 128
+
+
+@pytest.mark.parametrize(
+    "sections,world,flag",
+    [
+        ({"parallel": {"tensor_model_parallel_size": 3}}, 3, "--tensor-model-parallel-size 3"),
+        ({"parallel": {"pipeline_model_parallel_size": 3}}, 3, "--pipeline-model-parallel-size 3"),
+        ({"parallel": {"sequence_parallel": True}}, 1, "--sequence-parallel"),
+        (
+            {
+                "parallel": {
+                    "pipeline_model_parallel_size": 2,
+                    "num_layers_per_virtual_pipeline_stage": 3,
+                }
+            },
+            2,
+            "--num-layers-per-virtual-pipeline-stage 3",
+        ),
+        (
+            {"parallel": {"num_layers_per_virtual_pipeline_stage": 1}},
+            1,
+            "--num-layers-per-virtual-pipeline-stage",
+        ),
+        ({"train": {"global_batch_size": 6, "micro_batch_size": 4}}, 1, "--global-batch-size 6"),
+        ({"train": {"global_batch_size": 8, "micro_batch_size": 2}}, 8, "--global-batch-size 8"),
+        ({"parallel": {"tensor_model_parallel_size": 2}}, 3, "world size 3"),
+        ({"loss": {"gamma_beta_ratio": 0.5, "simpo_gamma": 1.0}}, 1, "--gamma-beta-ratio"),
+        ({"loss": {"loss_type": "hinge", "label_smoothing": 0.1}}, 1, "--label-smoothing"),
+        ({"loss": {"label_smoothing": 0.5}}, 1, "--label-smoothing"),
+        ({"loss": {"beta": 0.0}}, 1, "--beta"),
+        ({"train": {"save_interval": 5}}, 1, "--save-interval needs --save"),
+        ({"train": {"micro_batch_size": 0}}, 1, "--micro-batch-size"),
+        ({"model": {"rope_scaling": {"rope_type": "yarn"}}}, 1, "rope_scaling"),
+    ],
+)
+def test_invalid_combinations_name_the_flag(sections, world, flag):
+    with pytest.raises(ConfigError, match=flag.replace("-", r"\-").replace(" ", r"\s")):
+        valid(**sections).validate(world_size=world)
+
+
+def test_tp_must_divide_kv_heads():
+    cfg = valid(
+        model={"num_attention_heads": 8, "num_key_value_heads": 2},
+        parallel={"tensor_model_parallel_size": 4},
+    )
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        cfg.validate(world_size=4)
+
+
+def test_data_path_required():
+    with pytest.raises(ConfigError, match="--data-path"):
+        RunConfig().validate(world_size=1)
+
+
+def test_a_valid_config_passes():
+    valid(
+        parallel={
+            "tensor_model_parallel_size": 2,
+            "pipeline_model_parallel_size": 2,
+            "sequence_parallel": True,
+        },
+        train={"global_batch_size": 8, "micro_batch_size": 2},
+    ).validate(world_size=8)

@@ -1,0 +1,148 @@
+"""Pre-tokenised pairs: validation messages, layout-independent batches, collation masks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_simpo.data import (
+    Pair,
+    PairBatcher,
+    collate,
+    global_batch_indices,
+    read_pretokenized_jsonl,
+)
+from megatron_simpo.errors import DataError
+
+GOOD = {"prompt_ids": [1, 5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 2]}
+
+
+def write(tmp_path, lines) -> str:
+    f = tmp_path / "pairs.jsonl"
+    f.write_bytes(
+        b"\n".join(x if isinstance(x, bytes) else json.dumps(x).encode() for x in lines) + b"\n"
+    )
+    return str(f)
+
+
+def test_reads_good_rows_and_weights(tmp_path):
+    path = write(tmp_path, [GOOD, {**GOOD, "weight": 0.5}])
+    pairs = read_pretokenized_jsonl(path, vocab_size=16, seq_length=16)
+    assert pairs[0] == Pair((1, 5, 6), (7, 2), (8, 9, 2), 1.0)
+    assert pairs[1].weight == 0.5
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        (b"{not json", "malformed JSON"),
+        (b"\xff\xfe{}", "not valid UTF-8"),
+        ([1, 2], "must be a JSON object"),
+        ({"prompt_ids": [1], "chosen_ids": [2]}, r"missing field\(s\) \['rejected_ids'\]"),
+        ({**GOOD, "chosen_ids": "7 2"}, "'chosen_ids' must be a list"),
+        ({**GOOD, "chosen_ids": [7, 2.5]}, r"'chosen_ids'\[1\] = 2.5 is not an integer"),
+        ({**GOOD, "rejected_ids": [8, -1]}, r"'rejected_ids'\[1\] = -1 is outside the vocabulary"),
+        ({**GOOD, "rejected_ids": [8, 16]}, r"'rejected_ids'\[1\] = 16 is outside"),
+        ({**GOOD, "chosen_ids": []}, "'chosen_ids' is empty"),
+        ({**GOOD, "rejected_ids": []}, "'rejected_ids' is empty"),
+        ({**GOOD, "prompt_ids": []}, "'prompt_ids' is empty"),
+        ({**GOOD, "chosen_ids": list(range(2, 16))}, "longer than --seq-length 16"),
+        ({**GOOD, "weight": -1}, "'weight' must be a finite number"),
+    ],
+)
+def test_bad_row_names_file_line_and_field(tmp_path, row, message):
+    path = write(tmp_path, [GOOD, GOOD, row])
+    with pytest.raises(DataError, match=message) as e:
+        read_pretokenized_jsonl(path, vocab_size=16, seq_length=16)
+    assert f"{path}:3:" in str(e.value)
+
+
+def test_empty_and_missing_files(tmp_path):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("\n")
+    with pytest.raises(DataError, match="holds no pairs"):
+        read_pretokenized_jsonl(f, 16, 16)
+    with pytest.raises(DataError, match="no such file"):
+        read_pretokenized_jsonl(tmp_path / "nope.jsonl", 16, 16)
+
+
+def test_global_batches_are_layout_independent_and_cover_epochs():
+    n, g = 10, 4
+    batches = [global_batch_indices(n, g, i, seed=3) for i in range(5)]
+    stream = [i for b in batches for i in b]
+    assert sorted(stream[:10]) == list(range(10))  # epoch 0 is a permutation
+    assert sorted(stream[10:20]) == list(range(10))  # epoch 1 too, reshuffled
+    assert stream[:10] != stream[10:20]
+    assert batches == [global_batch_indices(n, g, i, seed=3) for i in range(5)]
+    assert batches != [global_batch_indices(n, g, i, seed=4) for i in range(5)]
+
+
+def _pairs(n):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        lp, lc, lr = (int(x) for x in torch.randint(1, 6, (3,), generator=g))
+        out.append(
+            Pair(
+                tuple(range(1, lp + 1)), tuple([10 + i % 5] * lc), tuple([20 + i % 5] * lr), 1.0 + i
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("dp,mbs", [(1, 1), (1, 4), (2, 2), (4, 1), (8, 1)])
+def test_dp_ranks_partition_the_global_batch(dp, mbs):
+    pairs = _pairs(13)
+    reference = PairBatcher(
+        pairs, global_batch_size=8, micro_batch_size=8, dp_rank=0, dp_size=1, seed=5
+    )
+    for it in range(3):
+        (ref_mb,), ref_len = reference.micro_batches(it)
+        seen = []
+        for rank in range(dp):
+            b = PairBatcher(
+                pairs, global_batch_size=8, micro_batch_size=mbs, dp_rank=rank, dp_size=dp, seed=5
+            )
+            mbs_list, seq_len = b.micro_batches(it)
+            assert seq_len == ref_len and len(mbs_list) == 8 // (mbs * dp)
+            seen += [mb["weights"] for mb in mbs_list]
+        # Weights identify pairs (1.0 + index): same pairs, same order.
+        assert torch.equal(torch.cat(seen), ref_mb["weights"])
+
+
+def test_collate_scores_exactly_the_response_tokens():
+    pairs = [Pair((1, 4, 5), (6, 7, 2), (8, 2)), Pair((1, 3), (9, 2), (10, 11, 12, 2))]
+    mb = collate(pairs, seq_len=6)
+    assert mb["tokens"].shape == (4, 6)
+    rows = [
+        ((1, 4, 5), (6, 7, 2)),
+        ((1, 3), (9, 2)),
+        ((1, 4, 5), (8, 2)),
+        ((1, 3), (10, 11, 12, 2)),
+    ]
+    for r, (prompt, resp) in enumerate(rows):
+        seq = list(prompt + resp)
+        n = len(seq) - 1
+        assert mb["tokens"][r, :n].tolist() == seq[:-1]
+        assert mb["labels"][r, :n].tolist() == seq[1:]
+        scored = mb["labels"][r][mb["loss_mask"][r].bool()].tolist()
+        assert scored == list(resp), "only (and all) response tokens are scored"
+        assert mb["loss_mask"][r, n:].sum() == 0
+        assert mb["lengths"][r] == len(resp) and mb["seq_tokens"][r] == len(seq)
+    assert mb["position_ids"][0].tolist() == list(range(6))
+
+
+def test_sequence_parallel_padding_multiple():
+    b = PairBatcher(
+        _pairs(4),
+        global_batch_size=4,
+        micro_batch_size=2,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        pad_multiple=4,
+    )
+    _, seq_len = b.micro_batches(0)
+    assert seq_len % 4 == 0
