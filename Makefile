@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine (CPU is enough):
-#   make demo   - tiny SimPO run on CPU with 2 processes (tensor parallel)
+#   make demo   - import a tiny HF model, evaluate, train SimPO (2 processes, TP2), evaluate
 #   make test   - lint + the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -31,11 +31,7 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m torch.distributed.run --nproc-per-node $(NPROC) -m megatron_simpo train \
-		--config examples/tiny_pretok.yaml --tensor-model-parallel-size 2 \
-		--tensorboard-dir runs/demo/tb --save runs/demo/ckpt
-	@echo "Metrics: runs/demo/tb/metrics.jsonl  Checkpoint: runs/demo/ckpt"
-	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs/demo/tb"
+	$(PY) tools/demo.py --nproc $(NPROC)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,7 +1,9 @@
 """Command line: ``megatron-simpo <command>`` (also ``python -m megatron_simpo``).
 
 Commands:
-    train   SimPO training; run under ``torchrun`` for several processes.
+    train                 SimPO training; run under ``torchrun`` for several processes.
+    evaluate              SimPO metrics of a checkpoint on a preference file (any TP/PP).
+    convert hf-to-mcore   Import a Hugging Face Llama directory as a Megatron checkpoint.
 
 Flags are generated from the config dataclasses (``megatron_simpo/config.py``): every field
 ``foo_bar`` is ``--foo-bar``; booleans also take ``--no-foo-bar``. ``--config FILE`` reads a YAML
@@ -82,19 +84,48 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-simpo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser(
-        "train",
-        help="SimPO training (run under torchrun)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    train = sub.add_parser("train", help="SimPO training (run under torchrun)", formatter_class=fmt)
+    evaluate = sub.add_parser(
+        "evaluate", help="SimPO metrics of a checkpoint (no training)", formatter_class=fmt
     )
-    train.add_argument("--config", help="YAML file with sections " + ", ".join(SECTIONS))
-    train.add_argument("--model-config", help="Hugging Face config.json (or its directory)")
-    _add_config_flags(train)
+    evaluate.add_argument("--output", help="write the metrics and per-pair results here (JSON)")
+    for p in (train, evaluate):
+        p.add_argument("--config", help="YAML file with sections " + ", ".join(SECTIONS))
+        p.add_argument("--model-config", help="Hugging Face config.json (or its directory)")
+        _add_config_flags(p)
+
+    convert = sub.add_parser("convert", help="checkpoint conversion")
+    conv_sub = convert.add_subparsers(dest="direction", required=True)
+    h2m = conv_sub.add_parser(
+        "hf-to-mcore", help="HF Llama directory -> Megatron checkpoint", formatter_class=fmt
+    )
+    h2m.add_argument("--hf-dir", required=True, help="HF model directory (safetensors)")
+    h2m.add_argument("--save", required=True, help="new Megatron checkpoint directory")
+    h2m.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="pad the vocabulary to a multiple of this",
+    )
     return parser
 
 
+def _model_given(args: argparse.Namespace, raw_yaml: dict) -> bool:
+    return bool(
+        args.model_config
+        or raw_yaml.get("model")
+        or any(k.startswith("model.") for k in vars(args))
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """defaults < --config YAML < --model-config < command-line flags."""
+    """defaults < --config YAML < --model-config < command-line flags.
+
+    With ``--load CKPT`` and no model settings, the model config comes from the checkpoint; with
+    both, they must agree.
+    """
+    raw: dict = {}
     if args.config:
         import yaml
 
@@ -116,18 +147,57 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if "." in key:
             section, name = key.split(".", 1)
             setattr(getattr(cfg, section), name, value)
+    if cfg.train.load:
+        saved = checkpoint_model_config(cfg.train.load)
+        if saved is not None:
+            if not _model_given(args, raw):
+                cfg.model = saved
+            elif saved != cfg.model:
+                diff = [
+                    f"{f.name}: checkpoint {getattr(saved, f.name)!r} vs given "
+                    f"{getattr(cfg.model, f.name)!r}"
+                    for f in fields(ModelConfig)
+                    if getattr(saved, f.name) != getattr(cfg.model, f.name)
+                ]
+                raise ConfigError(
+                    f"--load {cfg.train.load}: the checkpoint's model differs from the model "
+                    f"settings given ({'; '.join(diff)}); drop the model settings to use the "
+                    "checkpoint's, or load a matching checkpoint"
+                )
     return cfg
+
+
+def checkpoint_model_config(load: str) -> ModelConfig | None:
+    """The model config recorded in a checkpoint (None if it has none)."""
+    from megatron_simpo.checkpointing import checkpoint_dir, read_run_state
+
+    ckpt = checkpoint_dir(load)
+    if ckpt is None:
+        raise ConfigError(f"--load {load}: no checkpoint there (no tracker or metadata.json)")
+    model = read_run_state(ckpt).get("config", {}).get("model")
+    return ModelConfig(**model) if model else None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "convert":
+            from megatron_simpo.convert.hf import hf_to_mcore
+
+            ckpt = hf_to_mcore(args.hf_dir, args.save, args.make_vocab_size_divisible_by)
+            print(f"convert: wrote {ckpt}")
+            return 0
         cfg = config_from_args(args)
-        cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.validate(world_size=world, training=args.command == "train")
         if args.command == "train":
             from megatron_simpo.train import run
 
             run(cfg)
+        elif args.command == "evaluate":
+            from megatron_simpo.evaluate import evaluate
+
+            evaluate(cfg, args.output)
     except SimPOError as e:
         print(f"megatron-simpo: error: {e}", file=sys.stderr)
         return 2

@@ -37,6 +37,8 @@ class ModelConfig:
     """Number of query heads."""
     num_key_value_heads: int | None = None
     """Number of key/value heads (grouped-query attention); None means equal to query heads."""
+    head_dim: int | None = None
+    """Width of one attention head; None means hidden_size / num_attention_heads."""
     max_position_embeddings: int = 2048
     """Longest sequence the model is built for."""
     rms_norm_eps: float = 1e-5
@@ -50,28 +52,73 @@ class ModelConfig:
     initializer_range: float = 0.02
     """Std of the normal init for fresh (not loaded) weights."""
     make_vocab_size_divisible_by: int = 128
-    """Pad the vocabulary to a multiple of this times the TP size (padded rows never score)."""
+    """Pad the vocabulary to a multiple of this (padded rows never score). Unlike Megatron-LM
+    the padding does not grow with TP, so one checkpoint loads at every TP size that divides the
+    padded vocabulary (all powers of two up to this value)."""
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> ModelConfig:
-        """Reads the Llama fields of a Hugging Face ``config.json`` (file or its directory)."""
+        """Reads a Hugging Face Llama ``config.json`` (file or its directory).
+
+        Accepts both ``rope_theta``/``rope_scaling`` (transformers 4) and ``rope_parameters``
+        (transformers 5). Refuses what this model cannot reproduce exactly.
+        """
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
         try:
             raw = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"--model-config: cannot read {p}: {e}") from None
+            raise ConfigError(f"cannot read the model config {p}: {e}") from None
+        archs = raw.get("architectures") or []
+        if raw.get("model_type", "llama") != "llama" or any(a != "LlamaForCausalLM" for a in archs):
+            raise ConfigError(
+                f"{p}: model_type={raw.get('model_type')!r}, architectures={archs}: only "
+                "Llama-architecture models (model_type 'llama', LlamaForCausalLM) are supported"
+            )
+        unsupported = {
+            "hidden_act": (raw.get("hidden_act", "silu"), "silu"),
+            "attention_bias": (raw.get("attention_bias", False), False),
+            "mlp_bias": (raw.get("mlp_bias", False), False),
+        }
+        for key, (got, want) in unsupported.items():
+            if got != want:
+                raise ConfigError(f"{p}: {key}={got!r} is not supported (only {want!r})")
+        params = dict(raw.get("rope_parameters") or {})
+        if params:
+            raw.setdefault("rope_theta", params.pop("rope_theta", 10000.0))
+            if params.get("rope_type", "default") != "default":
+                raw["rope_scaling"] = params
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        return cls(**{k: v for k, v in raw.items() if k in names and v is not None})
 
     @property
     def kv_heads(self) -> int:
         return self.num_key_value_heads or self.num_attention_heads
 
-    def padded_vocab_size(self, tp: int) -> int:
-        multiple = self.make_vocab_size_divisible_by * tp
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
         return -(-self.vocab_size // multiple) * multiple
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The ``config.json`` fields of the equivalent ``LlamaForCausalLM``."""
+        out: dict[str, Any] = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+        for f in fields(self):
+            if f.name != "make_vocab_size_divisible_by":
+                out[f.name] = getattr(self, f.name)
+        out["num_key_value_heads"] = self.kv_heads
+        out["head_dim"] = self.head_size
+        return out
 
 
 @dataclass
@@ -230,8 +277,11 @@ class RunConfig:
                 setattr(target, key, value)
         return cfg
 
-    def validate(self, world_size: int | None = None) -> None:
-        """Checks everything checkable before process groups exist; raises ConfigError."""
+    def validate(self, world_size: int | None = None, training: bool = True) -> None:
+        """Checks everything checkable before process groups exist; raises ConfigError.
+
+        ``training=False`` (evaluation) skips the global-batch checks and requires ``--load``.
+        """
         m, p, t, lo = self.model, self.parallel, self.train, self.loss
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         for name, v in [
@@ -257,6 +307,11 @@ class RunConfig:
             raise ConfigError(
                 f"model.num_key_value_heads ({m.kv_heads}) must divide num_attention_heads "
                 f"({m.num_attention_heads})"
+            )
+        if m.padded_vocab_size() % tp:
+            raise ConfigError(
+                f"--tensor-model-parallel-size {tp} must divide the padded vocabulary "
+                f"({m.padded_vocab_size()}); raise --make-vocab-size-divisible-by"
             )
         if m.intermediate_size % tp:
             raise ConfigError(
@@ -289,6 +344,14 @@ class RunConfig:
                 raise ConfigError(
                     f"model.rope_scaling type {kind!r} is not supported; only 'llama3' is"
                 )
+            missing = {
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            } - set(m.rope_scaling)
+            if missing:
+                raise ConfigError(f"model.rope_scaling lacks {sorted(missing)}")
         if lo.gamma_beta_ratio is not None and lo.simpo_gamma is not None:
             raise ConfigError(
                 "--gamma-beta-ratio and --simpo-gamma both set: give exactly one "
@@ -308,6 +371,8 @@ class RunConfig:
             raise ConfigError("--save-interval needs --save DIR")
         if self.data.data_path is None:
             raise ConfigError("--data-path is required (pre-tokenised JSONL)")
+        if not training and not t.load:
+            raise ConfigError("--load CKPT is required (the checkpoint to evaluate)")
         if world_size is not None:
             if world_size % (tp * pp):
                 raise ConfigError(
@@ -315,7 +380,7 @@ class RunConfig:
                     "change --nproc-per-node/--nnodes or the parallel sizes"
                 )
             dp = world_size // (tp * pp)
-            if t.global_batch_size % (t.micro_batch_size * dp):
+            if training and t.global_batch_size % (t.micro_batch_size * dp):
                 raise ConfigError(
                     f"--global-batch-size {t.global_batch_size} must be divisible by "
                     f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}"

@@ -39,7 +39,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         local_t = targets - vocab_start
         owned = (local_t >= 0) & (local_t < local_v)
         local_t = local_t.clamp(0, local_v - 1)
-        target_z = z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * owned
+        # where, not a product: a rank whose columns are all padding holds -inf, and -inf * 0
+        # is NaN.
+        target_z = torch.where(owned, z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1), 0.0)
         _all_reduce(target_z, dist.ReduceOp.SUM, group)
 
         logp = target_z - sum_exp.log()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,6 @@ from megatron.core.transformer.transformer_block import (
 )
 
 from megatron_simpo.config import RunConfig
-from megatron_simpo.errors import ConfigError
 
 # Megatron-Core's RotaryEmbedding applies Llama-3 scaling with these fixed constants; other values
 # would silently differ from the Hugging Face model, so they are refused.
@@ -80,6 +80,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         ffn_hidden_size=m.intermediate_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.kv_heads,
+        kv_channels=m.head_size,
         normalization="RMSNorm",
         layernorm_epsilon=m.rms_norm_eps,
         gated_linear_unit=True,
@@ -130,17 +131,33 @@ def _layer_spec(use_te: bool) -> tuple[ModuleSpec, type | None]:
     return spec, SequenceParallelRMSNorm
 
 
-def _check_rope(cfg: RunConfig) -> tuple[bool, float]:
-    scaling = cfg.model.rope_scaling
-    if scaling is None:
-        return False, 8.0
-    for key, expected in _MCORE_LLAMA3_ROPE.items():
-        if key in scaling and float(scaling[key]) != expected:
-            raise ConfigError(
-                f"model.rope_scaling.{key}={scaling[key]} is not supported (Megatron-Core's "
-                f"Llama-3 RoPE scaling uses {expected}); supported: {_MCORE_LLAMA3_ROPE}"
-            )
-    return True, float(scaling.get("factor", 8.0))
+def rope_inv_freq(cfg: RunConfig) -> torch.Tensor:
+    """RoPE inverse frequencies ``[head_dim / 2]`` (fp32), with Llama-3 scaling if configured.
+
+    Megatron-Core's own Llama-3 scaling hard-codes ``low_freq_factor=1, high_freq_factor=4,
+    original_max_position_embeddings=8192``; computing the frequencies here reproduces any HF
+    config (Llama 3.1 / 3.2 and fine-tunes with other values) exactly.
+    """
+    m = cfg.model
+    dim = m.head_size
+    # fp32 like transformers, so the frequencies match it bit for bit.
+    inv = 1.0 / (m.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if m.rope_scaling is None:
+        return inv.float()
+    sc = m.rope_scaling
+    factor, low, high = (
+        float(sc["factor"]),
+        float(sc["low_freq_factor"]),
+        float(sc["high_freq_factor"]),
+    )
+    orig = float(sc["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = orig / low, orig / high
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv / factor + smooth * inv
+    out = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(mid, smoothed, out).float()
 
 
 def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
@@ -152,7 +169,7 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
         use_te = have_transformer_engine() and torch.cuda.is_available()
     tconf = transformer_config(cfg)
     layer_spec, final_norm = _layer_spec(use_te)
-    rope_scaling, rope_factor = _check_rope(cfg)
+    inv_freq = rope_inv_freq(cfg)
     vpp = tconf.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -169,7 +186,7 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
         model = GPTModel(
             config=tconf,
             transformer_layer_spec=spec,
-            vocab_size=cfg.model.padded_vocab_size(cfg.parallel.tensor_model_parallel_size),
+            vocab_size=cfg.model.padded_vocab_size(),
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
@@ -177,10 +194,10 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
             share_embeddings_and_output_weights=cfg.model.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=int(cfg.model.rope_theta),
-            rope_scaling=rope_scaling,
-            rope_scaling_factor=rope_factor,
             vp_stage=stage,
         )
+        rotary = model.rotary_pos_emb
+        rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
         chunks.append(model)
     return chunks
 

@@ -1,0 +1,162 @@
+"""Converted Hugging Face Llama models: Megatron logits equal ``LlamaForCausalLM`` logits at TP1,
+TP2, PP2 and TP2xPP2, and ``evaluate`` equals a float64 SimPO reference from the HF logits."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import REPO, torchrun
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 100
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+#: name -> LlamaConfig overrides: GQA and MHA, tied and untied, with and without Llama-3 RoPE.
+VARIANTS = {
+    "gqa_untied_llama3": {
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+        "rope_scaling": LLAMA3,
+    },
+    "mha_tied": {"num_key_value_heads": 4, "tie_word_embeddings": True},
+    "gqa_tied_llama3": {
+        "num_key_value_heads": 1,
+        "tie_word_embeddings": True,
+        "rope_scaling": LLAMA3,
+    },
+    "mha_untied": {"num_key_value_heads": 4, "tie_word_embeddings": False},
+}
+LAYOUTS = {1: ["tp1"], 2: ["tp2", "pp2"], 4: ["tp2_pp2"]}
+EVAL_LAYOUTS = ["tp1", "tp2_pp2"]
+BETA, GAMMA = 2.5, 0.7
+
+
+def hf_model(name: str):
+    torch.manual_seed(sum(map(ord, name)))
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rope_theta=5000.0,
+        **VARIANTS[name],
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # HF inits norms to 1: randomise them so a mis-mapped norm shows
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_parity")
+    g = torch.Generator().manual_seed(0)
+    torch.save(torch.randint(0, VOCAB, (3, 12), generator=g), root / "input_ids.pt")
+    rows = []
+    for _ in range(7):
+        lp, lc, lr = (int(x) for x in torch.randint(1, 6, (3,), generator=g))
+        rows.append(
+            {
+                k: torch.randint(0, VOCAB, (n,), generator=g).tolist()
+                for k, n in (("prompt_ids", lp), ("chosen_ids", lc), ("rejected_ids", lr))
+            }
+        )
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for name in VARIANTS:
+        hf_model(name).save_pretrained(root / name / "hf")
+    runner = str(REPO / "tests/distributed/hf_parity_runner.py")
+    for world, layouts in LAYOUTS.items():
+        args = [
+            runner,
+            "--root",
+            str(root),
+            "--layouts",
+            *layouts,
+            "--variants",
+            *VARIANTS,
+            "--evaluate",
+            str(root / "pairs.jsonl"),
+        ]
+        if world == 1:
+            args.append("--convert")
+        res = torchrun(world, args)
+        assert res.returncode == 0, res.stderr[-4000:]
+    return root, rows
+
+
+# fp32 on both sides, same math in a different order (fused QKV / SwiGLU matmuls, TP-split
+# reductions): ~1e-7 relative per op, measured max |diff| ~1e-7 on logits of size ~1; 2e-5 is
+# loose enough for reduction order and tight enough to catch any mis-mapped weight (O(0.1)).
+LOGITS_ATOL = 2e-5
+
+
+@pytest.mark.parametrize("layout", [lay for lays in LAYOUTS.values() for lay in lays])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_logits_match_transformers(parity, name, layout):
+    root, _ = parity
+    model = transformers.LlamaForCausalLM.from_pretrained(root / name / "hf").float().eval()
+    ids = torch.load(root / "input_ids.pt", weights_only=True)
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = torch.load(root / name / f"logits_{layout}.pt", weights_only=True)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=LOGITS_ATOL)
+
+
+def float64_reference(model, rows):
+    """SimPO per pair from the HF model run in float64, written out by hand."""
+    model = model.double()
+    out = []
+    for r in rows:
+        logps = []
+        for resp in (r["chosen_ids"], r["rejected_ids"]):
+            seq = torch.tensor([r["prompt_ids"] + resp])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(seq).logits[0, :-1].double(), -1)
+            targets = seq[0, 1:]
+            n_prompt = len(r["prompt_ids"])
+            scored = [lp[t, targets[t]].item() for t in range(n_prompt - 1, seq.shape[1] - 1)]
+            logps.append(sum(scored) / len(scored))
+        margin = BETA * logps[0] - BETA * logps[1] - GAMMA
+        out.append(
+            {
+                "loss": math.log1p(math.exp(-margin)),
+                "logps/chosen": logps[0],
+                "logps/rejected": logps[1],
+                "rewards/margins": BETA * (logps[0] - logps[1]),
+            }
+        )
+    return out
+
+
+@pytest.mark.parametrize("layout", EVAL_LAYOUTS)
+def test_evaluate_matches_float64_reference(parity, layout):
+    root, rows = parity
+    name = next(iter(VARIANTS))
+    got = json.loads((root / name / f"eval_{layout}.json").read_text())
+    ref = float64_reference(
+        transformers.LlamaForCausalLM.from_pretrained(root / name / "hf").eval(), rows
+    )
+    assert got["num_pairs"] == len(rows) == len(got["per_pair"])
+    # fp32 model vs float64: log-probs of ~-4.6 agree to ~1e-6 relative; 1e-5 absolute.
+    for g, r in zip(got["per_pair"], ref):  # file order
+        for k, v in r.items():
+            assert g[k] == pytest.approx(v, abs=1e-5), k
+        assert g["rewards/accuracies"] == float(g["rewards/margins"] > 0)
+    assert got["loss"] == pytest.approx(sum(r["loss"] for r in ref) / len(ref), abs=1e-5)
+    assert got["rewards/chosen"] == pytest.approx(
+        BETA * sum(r["logps/chosen"] for r in ref) / len(ref), abs=1e-5
+    )
