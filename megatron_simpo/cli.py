@@ -19,6 +19,7 @@ import os
 import sys
 import types
 import typing
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,11 @@ def checkpoint_model_config(load: str) -> ModelConfig | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        # Expected on CPU: Megatron-Core says so once per process and module; not actionable.
+        warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
     try:
         if args.command == "convert":
             from megatron_simpo.convert.hf import hf_to_mcore

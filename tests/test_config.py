@@ -27,7 +27,10 @@ def test_every_field_is_documented():
             assert docs.get(name, "").strip(), f"{cls.__name__}.{name} has no docstring"
 
 
-def test_megatron_flag_names_exist():
+def test_megatron_flag_names_exist(tmp_path):
+    (tmp_path / "a/iter_0000001").mkdir(parents=True)  # a checkpoint without a run state
+    (tmp_path / "a/latest_checkpointed_iteration.txt").write_text("1")
+    load = str(tmp_path / "a")
     cfg = parse(
         [
             "--tensor-model-parallel-size",
@@ -55,7 +58,7 @@ def test_megatron_flag_names_exist():
             "--seed",
             "9",
             "--load",
-            "a",
+            load,
             "--save",
             "b",
             "--save-interval",
@@ -82,7 +85,7 @@ def test_megatron_flag_names_exist():
     assert p.sequence_parallel and p.use_distributed_optimizer
     assert (t.micro_batch_size, t.global_batch_size, t.train_iters, t.seed) == (2, 64, 7, 9)
     assert (o.lr, o.min_lr, o.lr_warmup_iters, o.clip_grad) == (3e-7, 1e-8, 3, 0.5)
-    assert (t.load, t.save, t.save_interval, t.exit_interval) == ("a", "b", 5, 6)
+    assert (t.load, t.save, t.save_interval, t.exit_interval) == (load, "b", 5, 6)
     assert cfg.logging.tensorboard_dir == "tb"
     assert (lo.beta, lo.simpo_gamma, lo.label_smoothing, lo.sft_weight, lo.loss_type) == (
         10.0,
@@ -210,3 +213,17 @@ def test_a_valid_config_passes():
         },
         train={"global_batch_size": 8, "micro_batch_size": 2},
     ).validate(world_size=8)
+
+
+def test_load_takes_the_model_from_the_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000003").mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("3\n")
+    model = {**ModelConfig(hidden_size=96, num_attention_heads=6).__dict__}
+    (ckpt / "iter_0000003/run_state.json").write_text(json.dumps({"config": {"model": model}}))
+    cfg = parse(["--load", str(ckpt)])
+    assert cfg.model.hidden_size == 96 and cfg.model.num_attention_heads == 6
+    with pytest.raises(ConfigError, match="hidden_size: checkpoint 96 vs given 64"):
+        parse(["--load", str(ckpt), "--hidden-size", "64"])
+    with pytest.raises(ConfigError, match="no checkpoint there"):
+        parse(["--load", str(tmp_path / "nothing")])

@@ -112,10 +112,11 @@ def main() -> None:
     )
     before = json.loads((out / "eval_before.json").read_text())
     after = json.loads((out / "eval_after.json").read_text())
-    rel = out.relative_to(REPO)
+    rel = out.relative_to(REPO) if out.is_relative_to(REPO) else out
+    acc = f"{before['rewards/accuracies']:.3f} -> {after['rewards/accuracies']:.3f}"
     print(f"""
 ==================== megatron-simpo demo ({time.time() - start:.0f} s) ====================
-held-out preference accuracy: {before["rewards/accuracies"]:.3f} -> {after["rewards/accuracies"]:.3f}
+held-out preference accuracy: {acc}
 held-out reward margin:       {before["rewards/margins"]:+.3f} -> {after["rewards/margins"]:+.3f}
 held-out SimPO loss:          {before["loss"]:.3f} -> {after["loss"]:.3f}
 ({before["num_pairs"]} held-out pairs, operands never seen in training)

@@ -1,0 +1,161 @@
+"""HF <-> Megatron key map and transforms, HF config reading, and conversion error paths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from megatron_simpo.config import ModelConfig
+from megatron_simpo.convert import keymap
+from megatron_simpo.errors import ConfigError
+
+
+def random_hf_state(m: ModelConfig) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    h, f, d = m.hidden_size, m.intermediate_size, m.head_size
+    shapes = {"model.embed_tokens.weight": (m.vocab_size, h), "model.norm.weight": (h,)}
+    if not m.tie_word_embeddings:
+        shapes["lm_head.weight"] = (m.vocab_size, h)
+    for i in range(m.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (m.num_attention_heads * d, h),
+                p + "self_attn.k_proj.weight": (m.kv_heads * d, h),
+                p + "self_attn.v_proj.weight": (m.kv_heads * d, h),
+                p + "self_attn.o_proj.weight": (h, m.num_attention_heads * d),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("heads,kv,tied", [(4, 4, False), (4, 2, True), (8, 1, False)])
+def test_round_trip_is_bit_identical(heads, kv, tied):
+    m = ModelConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=tied,
+        make_vocab_size_divisible_by=16,
+    )
+    hf = random_hf_state(m)
+    mc = keymap.hf_to_megatron(hf.__getitem__, m)
+    assert mc["embedding.word_embeddings.weight"].shape == (64, 32)  # padded to 16
+    assert (mc["embedding.word_embeddings.weight"][50:] == 0).all()
+    assert ("output_layer.weight" in mc) == (not tied)
+    back = keymap.megatron_to_hf(mc, m)
+    assert set(back) == set(hf)
+    for k in hf:
+        assert torch.equal(back[k], hf[k]), k
+
+
+def test_qkv_packing_groups_queries_with_their_kv_head():
+    m = ModelConfig(
+        vocab_size=8,
+        hidden_size=4,
+        intermediate_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=1,
+        make_vocab_size_divisible_by=8,
+    )
+    q = torch.tensor([[10.0], [11.0], [12.0], [13.0]]).expand(4, 4)
+    k = torch.tensor([[20.0], [21.0]]).expand(2, 4)
+    v = torch.tensor([[30.0], [31.0]]).expand(2, 4)
+    packed = keymap.TRANSFORMS["qkv_pack"][0]([q, k, v], keymap.Shapes.of(m))
+    # Megatron's layout: per KV group, its queries, then its key, then its value.
+    assert packed[:, 0].tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
+
+
+def test_hf_config_transformers_4_and_5_styles(tmp_path):
+    base = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 1,
+        "intermediate_size": 16,
+    }
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    (tmp_path / "v4.json").write_text(
+        json.dumps({**base, "rope_theta": 5e5, "rope_scaling": scaling})
+    )
+    (tmp_path / "v5.json").write_text(
+        json.dumps({**base, "rope_parameters": {**scaling, "rope_theta": 5e5}})
+    )
+    v4 = ModelConfig.from_hf_config(tmp_path / "v4.json")
+    v5 = ModelConfig.from_hf_config(tmp_path / "v5.json")
+    assert v4 == v5 and v4.rope_theta == 5e5 and v4.rope_scaling["factor"] == 8.0
+
+
+@pytest.mark.parametrize(
+    "patch,message",
+    [
+        (
+            {"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+            "only Llama-architecture models",
+        ),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+        ({"attention_bias": True}, "attention_bias=True is not supported"),
+    ],
+)
+def test_unsupported_configs_are_refused(tmp_path, patch, message):
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 10, **patch}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf_config(tmp_path)
+
+
+def run_convert(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_simpo", "convert", "hf-to-mcore", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+
+
+def test_convert_cli_errors(tmp_path):
+    res = run_convert("--hf-dir", str(tmp_path / "none"), "--save", str(tmp_path / "c"))
+    assert res.returncode == 2 and "no config.json there" in res.stderr
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text((REPO / "examples/tiny/config.json").read_text())
+    (hf / "pytorch_model.bin").write_bytes(b"not loaded")
+    res = run_convert("--hf-dir", str(hf), "--save", str(tmp_path / "c"))
+    assert res.returncode == 2 and "no safetensors weights" in res.stderr
+    assert "safe_serialization=True" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_convert_cli_refuses_shape_mismatch(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    cfg = json.loads((REPO / "examples/tiny/config.json").read_text())
+    cfg["intermediate_size"] = 96  # the weights have 128
+    (hf / "config.json").write_text(json.dumps(cfg))
+    (hf / "model.safetensors").write_bytes((REPO / "examples/tiny/model.safetensors").read_bytes())
+    res = run_convert("--hf-dir", str(hf), "--save", str(tmp_path / "c"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "does not match the model's" in res.stderr and "Traceback" not in res.stderr
