@@ -113,6 +113,18 @@ def save_checkpoint(
     return final
 
 
+def copy_hf_side_files(src: str | Path | None, root: str | Path) -> None:
+    """Carries the HF ``config.json``/tokenizer files recorded at import (``CKPT/hf``) from the
+    checkpoint a run started from to the run's own checkpoint directory."""
+    if src is None or dist.get_rank() != 0:
+        return
+    ckpt = checkpoint_dir(src)
+    side = Path(src) / "hf" if ckpt is None or ckpt == Path(src) else ckpt.parent / "hf"
+    target = Path(root) / "hf"
+    if side.is_dir() and not target.exists():
+        shutil.copytree(side, target)
+
+
 def load_checkpoint(
     root: str | Path, model: list, optimizer=None, scheduler=None
 ) -> dict[str, Any]:

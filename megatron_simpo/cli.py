@@ -3,6 +3,7 @@
 Commands:
     train                 SimPO training; run under ``torchrun`` for several processes.
     evaluate              SimPO metrics of a checkpoint on a preference file (any TP/PP).
+    prepare               Validate, tokenise and truncate preference data ahead of training.
     convert hf-to-mcore   Import a Hugging Face Llama directory as a Megatron checkpoint.
 
 Flags are generated from the config dataclasses (``megatron_simpo/config.py``): every field
@@ -95,6 +96,39 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML file with sections " + ", ".join(SECTIONS))
         p.add_argument("--model-config", help="Hugging Face config.json (or its directory)")
         _add_config_flags(p)
+
+    prep = sub.add_parser(
+        "prepare", help="validate + tokenise data ahead of training", formatter_class=fmt
+    )
+    prep.add_argument("--output", required=True, help="directory for the prepared dataset")
+    prep.add_argument("--vocab-size", type=int, help="refuse ids >= this (the model's)")
+    docs = field_docs(SECTIONS["data"])
+    for name in (
+        "data_path",
+        "data_split",
+        "data_schema",
+        "tokenizer",
+        "max_length",
+        "max_prompt_length",
+        "truncation_mode",
+        "skip_invalid",
+        "keep_ties",
+        "num_workers",
+    ):
+        f = next(x for x in fields(SECTIONS["data"]) if x.name == name)
+        tp, choices = _base_type(field_types(SECTIONS["data"])[name])
+        flag = "--" + name.replace("_", "-")
+        if tp is bool:
+            prep.add_argument(flag, action="store_true", help=docs[name])
+        else:
+            prep.add_argument(
+                flag,
+                type=tp,
+                choices=choices,
+                default=f.default,
+                required=name == "data_path",
+                help=docs[name],
+            )
 
     convert = sub.add_parser("convert", help="checkpoint conversion")
     conv_sub = convert.add_subparsers(dest="direction", required=True)
@@ -192,6 +226,27 @@ def main(argv: list[str] | None = None) -> int:
 
             ckpt = hf_to_mcore(args.hf_dir, args.save, args.make_vocab_size_divisible_by)
             print(f"convert: wrote {ckpt}")
+            return 0
+        if args.command == "prepare":
+            from megatron_simpo.data.prepare import PrepareOptions, prepare
+
+            opts = PrepareOptions(
+                schema=args.data_schema,
+                max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                truncation_mode=args.truncation_mode,
+                skip_invalid=args.skip_invalid,
+                keep_ties=args.keep_ties,
+                vocab_size=args.vocab_size,
+            )
+            prepare(
+                args.data_path,
+                args.output,
+                tokenizer=args.tokenizer,
+                opts=opts,
+                split=args.data_split,
+                num_workers=args.num_workers,
+            )
             return 0
         cfg = config_from_args(args)
         world = int(os.environ.get("WORLD_SIZE", "1"))

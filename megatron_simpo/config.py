@@ -20,11 +20,22 @@ from typing import Any, Literal
 
 from megatron_simpo.errors import ConfigError
 
+#: HF model_type -> architecture class; the families whose checkpoints convert both ways.
+FAMILIES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
 
 @dataclass
 class ModelConfig:
     """Llama-architecture model shape, in Hugging Face ``config.json`` terms."""
 
+    model_type: str = "llama"
+    """HF family: 'llama' (Llama 2/3/3.1/3.2), 'mistral' (no sliding window) or 'qwen2'."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projections (Qwen2)."""
     vocab_size: int = 256
     """Number of real tokens in the vocabulary (before padding for tensor parallelism)."""
     hidden_size: int = 64
@@ -70,20 +81,36 @@ class ModelConfig:
             raw = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read the model config {p}: {e}") from None
-        archs = raw.get("architectures") or []
-        if raw.get("model_type", "llama") != "llama" or any(a != "LlamaForCausalLM" for a in archs):
+        family = raw.get("model_type", "llama")
+        archs = raw.get("architectures") or [FAMILIES.get(family, "?")]
+        if family not in FAMILIES or any(a != FAMILIES[family] for a in archs):
             raise ConfigError(
-                f"{p}: model_type={raw.get('model_type')!r}, architectures={archs}: only "
-                "Llama-architecture models (model_type 'llama', LlamaForCausalLM) are supported"
+                f"{p}: model_type={raw.get('model_type')!r}, architectures={archs}: supported "
+                f"families are {', '.join(f'{k} ({v})' for k, v in FAMILIES.items())}"
             )
+        want_bias = family == "qwen2"
         unsupported = {
             "hidden_act": (raw.get("hidden_act", "silu"), "silu"),
-            "attention_bias": (raw.get("attention_bias", False), False),
+            "attention_bias": (raw.get("attention_bias", want_bias), want_bias),
             "mlp_bias": (raw.get("mlp_bias", False), False),
+            "use_sliding_window": (raw.get("use_sliding_window", False), False),
         }
+        window = raw.get("sliding_window")
+        if (
+            family == "mistral"
+            and window is not None
+            and window < raw.get("max_position_embeddings", 0)
+        ):
+            raise ConfigError(
+                f"{p}: sliding_window={window} is smaller than max_position_embeddings; "
+                "sliding-window attention is not reproduced in training (Mistral v0.2+ has none)"
+            )
         for key, (got, want) in unsupported.items():
             if got != want:
-                raise ConfigError(f"{p}: {key}={got!r} is not supported (only {want!r})")
+                raise ConfigError(
+                    f"{p}: {key}={got!r} is not supported for {family} (only {want!r})"
+                )
+        raw["qkv_bias"] = want_bias
         params = dict(raw.get("rope_parameters") or {})
         if params:
             raw.setdefault("rope_theta", params.pop("rope_theta", 10000.0))
@@ -222,10 +249,34 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Training data."""
+    """Preference data (see ``megatron_simpo/data``)."""
 
     data_path: str | None = None
-    """Pre-tokenised JSONL: {"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...]}."""
+    """JSONL / JSON / Parquet file, datasets.save_to_disk or prepared directory, or Hub name."""
+    data_split: str | None = None
+    """Split of a DatasetDict directory or Hub dataset (default 'train')."""
+    data_schema: Literal["auto", "text", "conversational", "pretokenized"] = "auto"
+    """Row schema; 'auto' detects it per row."""
+    tokenizer: str | None = None
+    """HF tokenizer directory for text data (default: the one saved with the --load checkpoint)."""
+    max_length: int | None = None
+    """Truncate prompt + response to this many tokens (default: --seq-length)."""
+    max_prompt_length: int | None = None
+    """Cut prompts to this many tokens first when a pair is too long (default: max_length/2)."""
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    """Which end of a long prompt to keep (keep_end keeps BOS and the prompt's end)."""
+    skip_invalid: bool = False
+    """Skip invalid rows (counted in the summary) instead of stopping at the first."""
+    keep_ties: bool = False
+    """Keep pairs whose chosen and rejected are identical (dropped by default)."""
+    num_workers: int = 1
+    """Processes for tokenisation (datasets.map num_proc)."""
+    data_cache_dir: str | None = None
+    """Prepared-data cache (default $MEGATRON_SIMPO_CACHE or ~/.cache/megatron-simpo)."""
+    eval_data_path: str | None = None
+    """Held-out pairs evaluated every --eval-interval iterations."""
+    eval_split_ratio: float = 0.0
+    """Hold out this fraction of --data-path instead (seeded by --seed)."""
 
 
 @dataclass
@@ -234,6 +285,10 @@ class LoggingConfig:
 
     log_interval: int = 1
     """Print (and write) metrics every N iterations."""
+    eval_interval: int | None = None
+    """Evaluate on the held-out set every N iterations (and at the end); None disables."""
+    eval_iters: int | None = None
+    """Held-out global batches per evaluation (None: all held-out pairs)."""
     tensorboard_dir: str | None = None
     """TensorBoard event files and metrics.jsonl go here."""
 
@@ -369,8 +424,23 @@ class RunConfig:
             raise ConfigError(f"--sft-weight must be >= 0, got {lo.sft_weight}")
         if t.save_interval is not None and t.save is None:
             raise ConfigError("--save-interval needs --save DIR")
-        if self.data.data_path is None:
-            raise ConfigError("--data-path is required (pre-tokenised JSONL)")
+        d = self.data
+        if d.data_path is None:
+            raise ConfigError("--data-path is required")
+        if not 0.0 <= d.eval_split_ratio < 1.0:
+            raise ConfigError(f"--eval-split-ratio must be in [0, 1), got {d.eval_split_ratio}")
+        if d.eval_split_ratio and d.eval_data_path:
+            raise ConfigError("--eval-split-ratio and --eval-data-path both set: give one")
+        max_len = d.max_length if d.max_length is not None else t.seq_length
+        if d.max_length is not None and d.max_length > t.seq_length:
+            raise ConfigError(f"--max-length {d.max_length} exceeds --seq-length {t.seq_length}")
+        if d.max_prompt_length is not None and d.max_prompt_length >= max_len:
+            raise ConfigError(
+                f"--max-prompt-length {d.max_prompt_length} must be smaller than "
+                f"--max-length {max_len}"
+            )
+        if d.num_workers < 1:
+            raise ConfigError(f"--num-workers must be >= 1, got {d.num_workers}")
         if not training and not t.load:
             raise ConfigError("--load CKPT is required (the checkpoint to evaluate)")
         if world_size is not None:

@@ -7,12 +7,15 @@
 Writes JSON with ``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (chosen
 minus rejected reward, without gamma), ``rewards/accuracies``, ``logps/chosen``,
 ``logps/rejected`` (mean log-prob per response token), ``num_pairs`` and ``per_pair`` (a list in
-file order of objects with the same keys) — TRL's CPO trainer's names and meanings.
+file order of objects with the same keys, plus ``row``: the pair's 0-based row in the source,
+since invalid rows (with --skip-invalid) and ties are dropped) — TRL's CPO trainer's names and
+meanings.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +24,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_simpo import checkpointing, parallel
 from megatron_simpo.config import RunConfig
-from megatron_simpo.data import collate, read_pretokenized_jsonl
+from megatron_simpo.data import Pair, collate, pairs_for
 from megatron_simpo.model import build_model
 from megatron_simpo.step import run_forward_backward
 
@@ -40,8 +43,65 @@ def _pad_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def score_pairs(model: list, cfg: RunConfig, pairs: Sequence[Pair]) -> list[dict] | None:
+    """Per-pair SimPO results (forward only; collective). Returns the rows in ``pairs`` order on
+    the writing rank (first rank of the last pipeline stage), None on the others."""
+    p = cfg.parallel
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per_rank = -(-len(pairs) // dp)
+    lo, hi = dp_rank * per_rank, min((dp_rank + 1) * per_rank, len(pairs))
+    mbs = cfg.train.micro_batch_size
+    pad = p.tensor_model_parallel_size if p.sequence_parallel else 1
+    rows: list[dict[str, float]] = []
+    for chunk in model:
+        chunk.eval()
+    with torch.no_grad():
+        for i in range(lo, hi, mbs):
+            chunk_pairs = [pairs[j] for j in range(i, min(i + mbs, hi))]
+            longest = (
+                max(
+                    len(x.prompt_ids) + max(len(x.chosen_ids), len(x.rejected_ids))
+                    for x in chunk_pairs
+                )
+                - 1
+            )
+            seq_len = _pad_to(longest, pad)
+            reports = run_forward_backward(
+                model,
+                [collate(chunk_pairs, seq_len)],
+                seq_len,
+                cfg.loss,
+                cfg.model.vocab_size,
+                forward_only=True,
+            )
+            for r in reports:
+                pp_ = r["per_pair"]
+                rows += [
+                    {k: float(pp_[k][j]) for k in PER_PAIR_KEYS}
+                    for j in range(pp_["loss"].shape[0])
+                ]
+    for chunk in model:
+        chunk.train()
+    if not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
+        return None
+    gathered: list = [None] * dp
+    dist.all_gather_object(gathered, rows, group=ps.get_data_parallel_group())
+    if dp_rank != 0:
+        return None
+    out = [row for part in gathered for row in part]
+    assert len(out) == len(pairs), (len(out), len(pairs))
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Means over pairs of the per-pair metrics, plus ``num_pairs``."""
+    result = {k: sum(r[k] for r in rows) / len(rows) for k in PER_PAIR_KEYS}
+    result["num_pairs"] = len(rows)
+    return result
+
+
 def evaluate(cfg: RunConfig, output: str | None = None) -> dict | None:
-    """Runs the evaluation (collective); returns the result on the writing rank, else None."""
+    """The ``evaluate`` command (collective); returns the result on the writing rank."""
     parallel.init_distributed(cfg.parallel.distributed_timeout_minutes)
     p = cfg.parallel
     vpp = None
@@ -56,53 +116,20 @@ def evaluate(cfg: RunConfig, output: str | None = None) -> dict | None:
         seed=cfg.train.seed,
         timeout_minutes=p.distributed_timeout_minutes,
     )
-    pairs = read_pretokenized_jsonl(cfg.data.data_path, cfg.model.vocab_size, cfg.train.seq_length)
+    pairs = pairs_for(cfg, cfg.data.data_path)
     model = build_model(cfg)
     checkpointing.load_checkpoint(cfg.train.load, model)
-    for chunk in model:
-        chunk.eval()
-
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    per_rank = -(-len(pairs) // dp)
-    mine = pairs[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    mbs = cfg.train.micro_batch_size
-    pad = p.tensor_model_parallel_size if p.sequence_parallel else 1
-    rows: list[dict[str, float]] = []
-    with torch.no_grad():
-        for i in range(0, len(mine), mbs):
-            chunk_pairs = mine[i : i + mbs]
-            longest = (
-                max(
-                    len(x.prompt_ids) + max(len(x.chosen_ids), len(x.rejected_ids))
-                    for x in chunk_pairs
-                )
-                - 1
-            )
-            seq_len = _pad_to(longest, pad)
-            batch = collate(chunk_pairs, seq_len)
-            reports = run_forward_backward(
-                model, [batch], seq_len, cfg.loss, cfg.model.vocab_size, forward_only=True
-            )
-            for r in reports:
-                pp_ = r["per_pair"]
-                n = pp_["loss"].shape[0]
-                rows += [{k: float(pp_[k][j]) for k in PER_PAIR_KEYS} for j in range(n)]
-
+    rows = score_pairs(model, cfg, pairs)
     result = None
-    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-        gathered: list = [None] * dp
-        dist.all_gather_object(gathered, rows, group=ps.get_data_parallel_group())
-        if dp_rank == 0:
-            per_pair = [row for part in gathered for row in part]
-            assert len(per_pair) == len(pairs)
-            result = {k: sum(r[k] for r in per_pair) / len(per_pair) for k in PER_PAIR_KEYS}
-            result["num_pairs"] = len(per_pair)
-            result["per_pair"] = per_pair
-            if output:
-                Path(output).parent.mkdir(parents=True, exist_ok=True)
-                Path(output).write_text(json.dumps(result, indent=1))
-            summary = {k: round(v, 5) for k, v in result.items() if k != "per_pair"}
-            print(f"evaluate: {json.dumps(summary)}", flush=True)
+    if rows is not None:
+        for row, src in zip(rows, pairs.source_rows()):
+            row["row"] = src
+        result = {**summarize(rows), "per_pair": rows}
+        if output:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(json.dumps(result, indent=1))
+        summary = {k: round(v, 5) for k, v in result.items() if k != "per_pair"}
+        print(f"evaluate: {json.dumps(summary)}", flush=True)
     dist.barrier()
     parallel.destroy_model_parallel()
     return result

@@ -6,7 +6,9 @@ Names follow TRL's CPO/SimPO trainer so curves compare: ``loss``, ``rewards/chos
 ``logps/rejected`` (mean log-prob per response token). Also: ``length/chosen``,
 ``length/rejected`` (mean response tokens), ``lr``, ``grad_norm``, ``pairs`` (pairs in the
 iteration), ``tokens`` (non-padding tokens; chosen and rejected each counted with their prompt),
-``iteration_time`` (s), ``tokens_per_sec``, ``pairs_per_sec``, ``consumed_pairs``.
+``iteration_time`` (s), ``tokens_per_sec``, ``pairs_per_sec``, ``consumed_pairs``; with a held-out
+set, every ``--eval-interval``: the same SimPO metrics with an ``eval/`` prefix and
+``eval/num_pairs``.
 """
 
 from __future__ import annotations
@@ -61,4 +63,13 @@ def console_line(iteration: int, total: int, m: dict[str, float], start_time: fl
         f"{m['logps/rejected']:.3f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
         f"{m['tokens_per_sec']:.0f} tok/s | {m['iteration_time']:.2f} s/it | "
         f"elapsed {elapsed:.0f}s eta {eta:.0f}s"
+    )
+
+
+def eval_line(iteration: int, m: dict[str, float]) -> str:
+    """The held-out evaluation line."""
+    return (
+        f"eval @ iter {iteration} | loss {m['eval/loss']:.4f} | "
+        f"acc {m['eval/rewards/accuracies']:.3f} | margin {m['eval/rewards/margins']:.4f} | "
+        f"pairs {m['eval/num_pairs']}"
     )

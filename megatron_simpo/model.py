@@ -86,7 +86,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=m.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.initializer_range,

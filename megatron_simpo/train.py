@@ -23,8 +23,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_simpo import checkpointing, parallel
 from megatron_simpo.config import RunConfig
-from megatron_simpo.data import PairBatcher, read_pretokenized_jsonl
-from megatron_simpo.metrics import MetricsWriter, console_line
+from megatron_simpo.data import PairBatcher, Subset, pairs_for, split_heldout
+from megatron_simpo.metrics import MetricsWriter, console_line, eval_line
 from megatron_simpo.model import build_model, model_dtype, wrap_ddp
 from megatron_simpo.step import train_step
 
@@ -98,9 +98,12 @@ class Trainer:
             timeout_minutes=p.distributed_timeout_minutes,
         )
         # Read (and validate) the data before building anything expensive.
-        pairs = read_pretokenized_jsonl(
-            cfg.data.data_path, cfg.model.vocab_size, cfg.train.seq_length
-        )
+        pairs = pairs_for(cfg, cfg.data.data_path)
+        self.eval_pairs = None
+        if cfg.data.eval_data_path:
+            self.eval_pairs = pairs_for(cfg, cfg.data.eval_data_path)
+        elif cfg.data.eval_split_ratio:
+            pairs, self.eval_pairs = split_heldout(pairs, cfg.data.eval_split_ratio, cfg.train.seed)
         self.batcher = PairBatcher(
             pairs,
             global_batch_size=cfg.train.global_batch_size,
@@ -147,7 +150,20 @@ class Trainer:
         )
         return metrics
 
+    def evaluate_heldout(self) -> dict[str, float]:
+        """SimPO metrics on the held-out pairs (``eval/`` prefix), on the logging rank (empty
+        elsewhere); collective."""
+        from megatron_simpo.evaluate import score_pairs, summarize
+
+        pairs = self.eval_pairs
+        if self.cfg.logging.eval_iters is not None:
+            n = min(len(pairs), self.cfg.logging.eval_iters * self.cfg.train.global_batch_size)
+            pairs = Subset(pairs, list(range(n)))
+        rows = score_pairs(self.model, self.cfg, pairs)
+        return {f"eval/{k}": v for k, v in summarize(rows).items()} if rows else {}
+
     def save(self) -> None:
+        checkpointing.copy_hf_side_files(self.cfg.train.load, self.cfg.train.save)
         checkpointing.save_checkpoint(
             self.cfg.train.save,
             self.iteration,
@@ -171,6 +187,11 @@ class Trainer:
                 metrics = self.step()
                 history.append(metrics)
                 it = self.iteration
+                ev = cfg.logging.eval_interval
+                if self.eval_pairs is not None and ev and (it % ev == 0 or it == t.train_iters):
+                    metrics.update(self.evaluate_heldout())
+                    if log_rank:
+                        print(eval_line(it, metrics), flush=True)
                 if it % cfg.logging.log_interval == 0 or it == t.train_iters:
                     if log_rank:
                         writer.write(it, metrics)

@@ -12,6 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Prepared-data cache of everything the tests start (subprocesses inherit it): never ~/.cache.
+os.environ.setdefault("MEGATRON_SIMPO_CACHE", str(REPO / ".pytest_cache" / "megatron-simpo"))
+
 
 def free_port() -> int:
     with socket.socket() as s:

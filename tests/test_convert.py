@@ -112,9 +112,23 @@ def test_hf_config_transformers_4_and_5_styles(tmp_path):
 @pytest.mark.parametrize(
     "patch,message",
     [
+        ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "supported families"),
         (
-            {"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
-            "only Llama-architecture models",
+            {
+                "model_type": "mistral",
+                "architectures": ["MistralForCausalLM"],
+                "sliding_window": 4096,
+                "max_position_embeddings": 32768,
+            },
+            "sliding_window=4096",
+        ),
+        (
+            {
+                "model_type": "qwen2",
+                "architectures": ["Qwen2ForCausalLM"],
+                "use_sliding_window": True,
+            },
+            "use_sliding_window=True",
         ),
         ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
         ({"attention_bias": True}, "attention_bias=True is not supported"),

@@ -1,71 +1,11 @@
-"""Pre-tokenised pairs: validation messages, layout-independent batches, collation masks."""
+"""Batching: layout-independent global batches, DP sharding, collation masks."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
-from megatron_simpo.data import (
-    Pair,
-    PairBatcher,
-    collate,
-    global_batch_indices,
-    read_pretokenized_jsonl,
-)
-from megatron_simpo.errors import DataError
-
-GOOD = {"prompt_ids": [1, 5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 2]}
-
-
-def write(tmp_path, lines) -> str:
-    f = tmp_path / "pairs.jsonl"
-    f.write_bytes(
-        b"\n".join(x if isinstance(x, bytes) else json.dumps(x).encode() for x in lines) + b"\n"
-    )
-    return str(f)
-
-
-def test_reads_good_rows_and_weights(tmp_path):
-    path = write(tmp_path, [GOOD, {**GOOD, "weight": 0.5}])
-    pairs = read_pretokenized_jsonl(path, vocab_size=16, seq_length=16)
-    assert pairs[0] == Pair((1, 5, 6), (7, 2), (8, 9, 2), 1.0)
-    assert pairs[1].weight == 0.5
-
-
-@pytest.mark.parametrize(
-    "row,message",
-    [
-        (b"{not json", "malformed JSON"),
-        (b"\xff\xfe{}", "not valid UTF-8"),
-        ([1, 2], "must be a JSON object"),
-        ({"prompt_ids": [1], "chosen_ids": [2]}, r"missing field\(s\) \['rejected_ids'\]"),
-        ({**GOOD, "chosen_ids": "7 2"}, "'chosen_ids' must be a list"),
-        ({**GOOD, "chosen_ids": [7, 2.5]}, r"'chosen_ids'\[1\] = 2.5 is not an integer"),
-        ({**GOOD, "rejected_ids": [8, -1]}, r"'rejected_ids'\[1\] = -1 is outside the vocabulary"),
-        ({**GOOD, "rejected_ids": [8, 16]}, r"'rejected_ids'\[1\] = 16 is outside"),
-        ({**GOOD, "chosen_ids": []}, "'chosen_ids' is empty"),
-        ({**GOOD, "rejected_ids": []}, "'rejected_ids' is empty"),
-        ({**GOOD, "prompt_ids": []}, "'prompt_ids' is empty"),
-        ({**GOOD, "chosen_ids": list(range(2, 16))}, "longer than --seq-length 16"),
-        ({**GOOD, "weight": -1}, "'weight' must be a finite number"),
-    ],
-)
-def test_bad_row_names_file_line_and_field(tmp_path, row, message):
-    path = write(tmp_path, [GOOD, GOOD, row])
-    with pytest.raises(DataError, match=message) as e:
-        read_pretokenized_jsonl(path, vocab_size=16, seq_length=16)
-    assert f"{path}:3:" in str(e.value)
-
-
-def test_empty_and_missing_files(tmp_path):
-    f = tmp_path / "empty.jsonl"
-    f.write_text("\n")
-    with pytest.raises(DataError, match="holds no pairs"):
-        read_pretokenized_jsonl(f, 16, 16)
-    with pytest.raises(DataError, match="no such file"):
-        read_pretokenized_jsonl(tmp_path / "nope.jsonl", 16, 16)
+from megatron_simpo.data import Pair, PairBatcher, collate, global_batch_indices
 
 
 def test_global_batches_are_layout_independent_and_cover_epochs():

@@ -30,7 +30,8 @@ def run(cmd: list[str], quiet: bool = False) -> None:
     if not quiet:
         print("\n".join(lines), flush=True)
     if res.returncode != 0:
-        print(res.stderr[-5000:], file=sys.stderr)
+        errors = [x for x in res.stderr.splitlines() if "error:" in x]
+        print("\n".join(errors) or res.stderr[-5000:], file=sys.stderr)
         sys.exit(f"demo: step failed ({res.returncode}): {' '.join(cmd)}")
 
 
@@ -57,7 +58,8 @@ def main() -> None:
         shutil.rmtree(out)
     start = time.time()
     tp = ["--tensor-model-parallel-size", str(args.nproc)]
-    heldout = ["--data-path", "examples/tiny/heldout_ids.jsonl", "--micro-batch-size", "30"]
+    cache = ["--data-cache-dir", str(out / "cache")]
+    heldout = ["--data-path", "examples/tiny/heldout.jsonl", "--micro-batch-size", "30", *cache]
     run(
         [
             sys.executable,

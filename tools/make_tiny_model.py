@@ -6,9 +6,9 @@ Outputs (committed; regenerate with this script, deterministic):
 - ``config.json``, ``model.safetensors``, ``generation_config.json``: a random-init
   ``LlamaForCausalLM`` (4 layers, hidden 64, GQA 4/2 heads, untied) — a stand-in for an SFT model;
 - ``tokenizer.json``, ``tokenizer_config.json``: a word-level tokenizer (whitespace split);
-- ``train.jsonl`` / ``heldout.jsonl``: text pairs ``{"prompt", "chosen", "rejected"}``;
-- ``train_ids.jsonl`` / ``heldout_ids.jsonl``: the same pairs pre-tokenised (BOS + prompt;
-  response + EOS), the format ``train`` and ``evaluate`` read.
+- ``train.jsonl`` / ``heldout.jsonl``: conversational pairs (UltraFeedback-binarized style:
+  ``prompt`` plus ``chosen``/``rejected`` message lists), rendered by the tokenizer's chat
+  template (``role: content`` lines).
 
 The preference: the question is ``what is A plus B ?``; the chosen answer restates the question
 faithfully and gives the right sum (``A plus B is C``); the rejected one either misquotes an
@@ -23,7 +23,12 @@ import json
 import random
 from pathlib import Path
 
-WORDS = ["what", "is", "plus", "?"] + [str(i) for i in range(19)]
+WORDS = ["system:", "user:", "assistant:", "what", "is", "plus", "?"] + [str(i) for i in range(19)]
+#: Each message on its own line, "role: content"; the generation prompt is "assistant:".
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
@@ -42,10 +47,11 @@ def make_tokenizer(out: Path):
         pad_token="<pad>",
     )
     fast.save_pretrained(out)
-    # The generic class name loads with transformers 4 and 5 alike.
+    # The generic class name and an inline chat template load with transformers 4 and 5 alike.
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     return fast
 
@@ -87,19 +93,16 @@ def make_pairs(operands: list[tuple[int, int]], rng: random.Random, per_prompt: 
             else:  # wrong sum
                 wrong = rng.choice([x for x in range(19) if x != a + b])
                 rejected = f"{a} plus {b} is {wrong}"
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            user = {"role": "user", "content": prompt}
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [user, {"role": "assistant", "content": chosen}],
+                    "rejected": [user, {"role": "assistant", "content": rejected}],
+                }
+            )
     rng.shuffle(rows)
     return rows
-
-
-def tokenize(tok, row: dict) -> dict:
-    """Pre-tokenised form (the rules of the data pipeline: BOS + prompt; response + EOS)."""
-    prompt = [tok.bos_token_id] + tok.encode(row["prompt"], add_special_tokens=False)
-    return {
-        "prompt_ids": prompt,
-        "chosen_ids": tok.encode(row["chosen"], add_special_tokens=False) + [tok.eos_token_id],
-        "rejected_ids": tok.encode(row["rejected"], add_special_tokens=False) + [tok.eos_token_id],
-    }
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -122,7 +125,6 @@ def main() -> None:
     splits = {"train": make_pairs(train_ops, rng, 6), "heldout": make_pairs(heldout_ops, rng, 3)}
     for name, rows in splits.items():
         write_jsonl(out / f"{name}.jsonl", rows)
-        write_jsonl(out / f"{name}_ids.jsonl", [tokenize(tok, r) for r in rows])
     print(
         f"wrote {out}: vocab {len(tok)}, "
         + ", ".join(f"{k} {len(v)} pairs" for k, v in splits.items())

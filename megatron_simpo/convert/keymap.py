@@ -1,4 +1,5 @@
-"""Hugging Face <-> Megatron-Core weight names, as data, plus the named transforms between them.
+"""Hugging Face <-> Megatron-Core weight names, as data (one map per family: Llama, Mistral,
+Qwen2), plus the named transforms between them.
 
 Megatron names are those of a TP=1, PP=1 ``GPTModel`` built with the local layer spec (module
 ``state_dict`` keys, with ``{i}`` the layer). A map entry is
@@ -56,19 +57,19 @@ def _unpad_vocab(t: torch.Tensor, s: Shapes) -> list[torch.Tensor]:
 def _qkv_pack(ts: list[torch.Tensor], s: Shapes) -> torch.Tensor:
     q, k, v = ts
     per_group = s.heads // s.kv_heads
-    hidden = q.shape[1]
-    q = q.view(s.kv_heads, per_group * s.head_dim, hidden)
-    k = k.view(s.kv_heads, s.head_dim, hidden)
-    v = v.view(s.kv_heads, s.head_dim, hidden)
-    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+    rest = q.shape[1:]  # (hidden,) for weights, () for biases
+    q = q.reshape(s.kv_heads, per_group * s.head_dim, *rest)
+    k = k.reshape(s.kv_heads, s.head_dim, *rest)
+    v = v.reshape(s.kv_heads, s.head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
 def _qkv_unpack(t: torch.Tensor, s: Shapes) -> list[torch.Tensor]:
     per_group = s.heads // s.kv_heads
-    hidden = t.shape[1]
-    g = t.view(s.kv_heads, (per_group + 2) * s.head_dim, hidden)
+    rest = t.shape[1:]
+    g = t.reshape(s.kv_heads, (per_group + 2) * s.head_dim, *rest)
     q, k, v = torch.split(g, [per_group * s.head_dim, s.head_dim, s.head_dim], dim=1)
-    return [x.reshape(-1, hidden).clone() for x in (q, k, v)]
+    return [x.reshape(-1, *rest).clone() for x in (q, k, v)]
 
 
 def _gate_up_fuse(ts: list[torch.Tensor], s: Shapes) -> torch.Tensor:
@@ -126,11 +127,34 @@ LLAMA_LAYER = [
 ]
 
 
+#: Qwen2 adds biases on q/k/v (packed like the weights).
+QKV_BIAS = [
+    (
+        "decoder.layers.{i}.self_attention.linear_qkv.bias",
+        [_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"],
+        "qkv_pack",
+    ),
+]
+
+#: One map per family: (global entries, per-layer entries). Adding a family = adding a map
+#: (and its tests).
+FAMILY_MAPS: dict[str, tuple[list, list]] = {
+    "llama": (LLAMA_GLOBAL, LLAMA_LAYER),
+    "mistral": (LLAMA_GLOBAL, LLAMA_LAYER),
+    "qwen2": (LLAMA_GLOBAL, LLAMA_LAYER + QKV_BIAS),
+}
+
+
 def entries(m: ModelConfig) -> list[tuple[str, list[str], str]]:
     """The concrete map for a model (layers expanded; no output layer when tied)."""
-    out = [e for e in LLAMA_GLOBAL if not (m.tie_word_embeddings and e[0] == "output_layer.weight")]
+    if m.model_type not in FAMILY_MAPS:
+        raise ConfigError(
+            f"no key map for model_type {m.model_type!r}; supported: {sorted(FAMILY_MAPS)}"
+        )
+    global_, layer = FAMILY_MAPS[m.model_type]
+    out = [e for e in global_ if not (m.tie_word_embeddings and e[0] == "output_layer.weight")]
     for i in range(m.num_hidden_layers):
-        out += [(mc.format(i=i), [h.format(i=i) for h in hf], t) for mc, hf, t in LLAMA_LAYER]
+        out += [(mc.format(i=i), [h.format(i=i) for h in hf], t) for mc, hf, t in layer]
     return out
 
 

@@ -1,12 +1,4 @@
-"""Pre-tokenised preference pairs, layout-independent global batches, and micro-batch collation.
-
-File format (JSONL, one pair per line; kept for good — Megatron users pre-tokenise)::
-
-    {"prompt_ids": [1, 415, 2936], "chosen_ids": [9062, 2], "rejected_ids": [1048, 2]}
-
-Response ids exclude the prompt and are used as given (no BOS/EOS added). An optional ``weight``
-(float) scales the pair's loss. The model input of each sequence is ``prompt + response``; only
-response tokens are scored.
+"""Layout-independent global batches and micro-batch collation of tokenised pairs.
 
 Batching contract: global batch ``i`` is the same set of pairs whatever the parallel layout
 (positions ``[i*G, (i+1)*G)`` of a stream of per-epoch permutations seeded by ``--seed``);
@@ -17,14 +9,10 @@ the right to one length for the whole global batch (pipeline stages exchange fix
 
 from __future__ import annotations
 
-import json
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-
-from megatron_simpo.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -35,88 +23,6 @@ class Pair:
     chosen_ids: tuple[int, ...]
     rejected_ids: tuple[int, ...]
     weight: float = 1.0
-
-
-_ID_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
-
-
-def _check_ids(value: object, where: str, name: str, vocab_size: int) -> tuple[int, ...]:
-    if not isinstance(value, list):
-        raise DataError(
-            f"{where}: field '{name}' must be a list of token ids, got {type(value).__name__}"
-        )
-    for i, tok in enumerate(value):
-        if not isinstance(tok, int) or isinstance(tok, bool):
-            raise DataError(f"{where}: field '{name}'[{i}] = {tok!r} is not an integer token id")
-        if tok < 0 or tok >= vocab_size:
-            raise DataError(
-                f"{where}: field '{name}'[{i}] = {tok} is outside the vocabulary "
-                f"[0, {vocab_size}); "
-                "re-tokenise with the model's tokenizer or fix model.vocab_size"
-            )
-    return tuple(value)
-
-
-def parse_pair(row: object, where: str, vocab_size: int, seq_length: int) -> Pair:
-    """Validates one decoded JSON row; ``where`` is ``file:line`` for messages."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: each line must be a JSON object with fields {_ID_FIELDS}")
-    missing = [f for f in _ID_FIELDS if f not in row]
-    if missing:
-        raise DataError(f"{where}: missing field(s) {missing}; each pair needs {_ID_FIELDS}")
-    prompt, chosen, rejected = (_check_ids(row[f], where, f, vocab_size) for f in _ID_FIELDS)
-    if not prompt:
-        raise DataError(
-            f"{where}: field 'prompt_ids' is empty; the first token is never "
-            "predicted, so start the prompt with at least BOS"
-        )
-    for name, resp in (("chosen_ids", chosen), ("rejected_ids", rejected)):
-        if not resp:
-            raise DataError(
-                f"{where}: field '{name}' is empty; a response needs at least one "
-                "token (SimPO's length-normalised reward of an empty response is 0/0)"
-            )
-        if len(prompt) + len(resp) > seq_length:
-            raise DataError(
-                f"{where}: prompt + {name} is {len(prompt) + len(resp)} tokens, longer than "
-                f"--seq-length {seq_length}; raise --seq-length or truncate the data"
-            )
-    weight = row.get("weight", 1.0)
-    if (
-        not isinstance(weight, int | float)
-        or isinstance(weight, bool)
-        or not math.isfinite(weight)
-        or weight < 0
-    ):
-        raise DataError(f"{where}: field 'weight' must be a finite number >= 0, got {weight!r}")
-    return Pair(prompt, chosen, rejected, float(weight))
-
-
-def read_pretokenized_jsonl(path: str | Path, vocab_size: int, seq_length: int) -> list[Pair]:
-    """Reads and validates every line; the first bad line raises :class:`DataError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"--data-path {path}: no such file")
-    pairs = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})"
-                ) from None
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            pairs.append(parse_pair(row, where, vocab_size, seq_length))
-    if not pairs:
-        raise DataError(f"--data-path {path}: the file holds no pairs")
-    return pairs
 
 
 def global_batch_indices(
@@ -185,7 +91,7 @@ class PairBatcher:
 
     def __init__(
         self,
-        pairs: list[Pair],
+        pairs: Sequence[Pair],
         *,
         global_batch_size: int,
         micro_batch_size: int,

@@ -1,0 +1,313 @@
+"""``megatron-simpo prepare``: validate, tokenise and truncate preference data once, ahead of
+training, into a memory-mapped Arrow dataset that ``train`` and ``evaluate`` read directly.
+
+    megatron-simpo prepare --data-path pairs.jsonl --tokenizer DIR --output prepared/ \\
+        [--max-length 2048] [--max-prompt-length 1024] [--skip-invalid] [--num-workers 8]
+
+Every row is checked (``rows.py``); by default the first invalid row stops preparation with its
+file, line, field and fix. ``--skip-invalid`` skips such rows instead; preparation always ends
+with a summary: kept, dropped per reason. Ties (identical chosen and rejected) are dropped unless
+``--keep-ties``; pairs whose response is empty after truncation are always dropped. ``train`` given
+raw data runs the same code into a cache keyed by a fingerprint of the inputs (data bytes,
+tokenizer files, options), so the same inputs are never tokenised twice.
+
+Output: ``OUT/pairs`` (``datasets.save_to_disk``: prompt_ids, chosen_ids, rejected_ids, weight,
+row) and ``OUT/prepared.json`` (summary, options, fingerprint).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_simpo.data.batching import Pair
+from megatron_simpo.data.rows import (
+    ConversationRow,
+    IdsRow,
+    RowError,
+    TextRow,
+    is_tie,
+    parse_row,
+)
+from megatron_simpo.data.sources import describe, fingerprint, iter_rows
+from megatron_simpo.data.tokenize import render_conversation, tokenize_text, truncate
+from megatron_simpo.errors import DataError
+
+PREPARE_VERSION = 1
+MARKER = "prepared.json"
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What shapes the prepared result (all of it is part of the fingerprint)."""
+
+    schema: str = "auto"
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    truncation_mode: str = "keep_end"
+    skip_invalid: bool = False
+    keep_ties: bool = False
+    vocab_size: int | None = None
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def load_tokenizer(path: str) -> Any:
+    """An HF tokenizer from a local directory (remote code never runs)."""
+    if path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        try:
+            _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except Exception as e:  # transformers raises OSError/ValueError variants
+            raise DataError(f"--tokenizer {path}: cannot load a tokenizer there ({e})") from None
+    return _TOKENIZERS[path]
+
+
+def process_row(raw: Any, tok: Any, opts: PrepareOptions) -> dict[str, Any]:
+    """One row -> a result record (status ``kept``, ``tie``, ``empty_after_truncation`` or
+    ``invalid:<reason>`` with a message)."""
+    out: dict[str, Any] = {
+        "status": "kept",
+        "message": "",
+        "truncated": False,
+        "prompt_ids": [],
+        "chosen_ids": [],
+        "rejected_ids": [],
+        "weight": 1.0,
+    }
+    try:
+        row = parse_row(raw, opts.schema, opts.vocab_size)
+        if is_tie(row) and not opts.keep_ties:
+            return {**out, "status": "tie", "message": "chosen and rejected are identical"}
+        if isinstance(row, IdsRow):
+            p, c, r = list(row.prompt_ids), list(row.chosen_ids), list(row.rejected_ids)
+        else:
+            if tok is None:
+                raise RowError("no_tokenizer", "text rows need --tokenizer DIR")
+            text = render_conversation(tok, row) if isinstance(row, ConversationRow) else row
+            assert isinstance(text, TextRow)
+            p, c, r = tokenize_text(tok, text)
+            if opts.vocab_size is not None and max(p + c + r) >= opts.vocab_size:
+                raise RowError(
+                    "id_out_of_vocab",
+                    f"the tokenizer produced id {max(p + c + r)} "
+                    f">= the model's vocabulary size {opts.vocab_size}; use the "
+                    "model's own tokenizer",
+                )
+        if opts.max_length is not None:
+            # Without a tokenizer (pre-tokenised rows) the first prompt token is taken as BOS:
+            # it is never predicted, and pre-tokenised prompts start with BOS by convention.
+            bos = getattr(tok, "bos_token_id", None) if tok is not None else p[0]
+            p, c, r, cut = truncate(
+                p,
+                c,
+                r,
+                max_length=opts.max_length,
+                max_prompt_length=opts.max_prompt_length,
+                mode=opts.truncation_mode,
+                bos=bos,
+            )
+            out["truncated"] = cut
+        if not c or not r:
+            return {
+                **out,
+                "status": "empty_after_truncation",
+                "message": "a response is empty after truncation",
+            }
+        return {**out, "prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "weight": row.weight}
+    except RowError as e:
+        return {**out, "status": f"invalid:{e.reason}", "message": str(e)}
+
+
+def _map_batch(batch: dict[str, list], tokenizer: str | None, opts: dict) -> dict[str, list]:
+    options = PrepareOptions(**opts)
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    results = []
+    for raw, bad_reason, bad_msg in zip(batch["raw"], batch["bad_reason"], batch["bad_message"]):
+        if bad_reason:
+            results.append(
+                process_row(None, None, options)
+                | {"status": f"invalid:{bad_reason}", "message": bad_msg}
+            )
+        else:
+            results.append(process_row(json.loads(raw), tok, options))
+    return {k: [r[k] for r in results] for k in results[0]}
+
+
+def prepare(
+    data_path: str,
+    output: str | Path,
+    *,
+    tokenizer: str | None,
+    opts: PrepareOptions,
+    split: str | None = None,
+    num_workers: int = 1,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Runs the pipeline into ``output``; returns the summary. Raises DataError."""
+    import datasets
+
+    if (
+        opts.max_length is not None
+        and opts.max_prompt_length is not None
+        and (opts.max_prompt_length >= opts.max_length)
+    ):
+        raise DataError(
+            f"--max-prompt-length {opts.max_prompt_length} must be smaller than "
+            f"--max-length {opts.max_length}"
+        )
+    if tokenizer:
+        load_tokenizer(tokenizer)  # fail early on a bad --tokenizer
+    wheres, raws, reasons, messages = [], [], [], []
+    for where, row in iter_rows(data_path, split):
+        wheres.append(where)
+        if isinstance(row, tuple):
+            raws.append("")
+            reasons.append(row[0])
+            messages.append(row[1])
+        else:
+            raws.append(json.dumps(row, default=str))
+            reasons.append("")
+            messages.append("")
+    if not wheres:
+        raise DataError(f"--data-path {data_path}: holds no rows")
+    ds = datasets.Dataset.from_dict(
+        {
+            "where": wheres,
+            "row": list(range(len(wheres))),
+            "raw": raws,
+            "bad_reason": reasons,
+            "bad_message": messages,
+        }
+    )
+    if quiet:
+        datasets.disable_progress_bars()
+    ds = ds.map(
+        _map_batch,
+        batched=True,
+        batch_size=512,
+        num_proc=num_workers if num_workers > 1 else None,
+        fn_kwargs={"tokenizer": tokenizer, "opts": asdict(opts)},
+        remove_columns=["raw", "bad_reason", "bad_message"],
+        desc=f"prepare {Path(data_path).name}",
+        load_from_cache_file=False,
+    )
+    statuses = ds["status"]
+    for i, s in enumerate(statuses):  # problems of the setup, not of a row: never skipped
+        if s in ("invalid:no_chat_template", "invalid:no_tokenizer"):
+            raise DataError(
+                f"--data-path {data_path} ({ds[i]['where']}): {ds[i]['message']}"
+                + (f" (--tokenizer {tokenizer})" if tokenizer else "")
+            )
+    if not opts.skip_invalid:
+        for i, s in enumerate(statuses):
+            if s.startswith("invalid:"):
+                raise DataError(
+                    f"{ds[i]['where']}: {ds[i]['message']}. Fix the row, or pass "
+                    "--skip-invalid to skip invalid rows"
+                )
+    counts = Counter(statuses)
+    kept = ds.filter(lambda s: s == "kept", input_columns="status")
+    summary = {
+        "source": describe(data_path),
+        "rows": len(statuses),
+        "kept": counts.pop("kept", 0),
+        "dropped": dict(sorted(counts.items())),
+        "truncated": int(sum(kept["truncated"])),
+        "max_id": max(
+            (
+                max(p + c + r)
+                for p, c, r in zip(kept["prompt_ids"], kept["chosen_ids"], kept["rejected_ids"])
+            ),
+            default=-1,
+        ),
+    }
+    if not summary["kept"]:
+        raise DataError(
+            f"--data-path {data_path}: no pairs left after validation ({summary['dropped']})"
+        )
+    out = Path(output)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    kept.select_columns(["row", "prompt_ids", "chosen_ids", "rejected_ids", "weight"]).save_to_disk(
+        str(tmp / "pairs")
+    )
+    info = {
+        "version": PREPARE_VERSION,
+        "summary": summary,
+        "options": asdict(opts),
+        "tokenizer": tokenizer,
+        "data_path": data_path,
+        "split": split,
+    }
+    (tmp / MARKER).write_text(json.dumps(info, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    if not quiet:
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"prepare: {s['source']}",
+        f"  {'rows read':<32}{s['rows']:>10,}",
+        f"  {'kept':<32}{s['kept']:>10,}",
+    ]
+    for reason, n in s["dropped"].items():
+        label = ("skipped " if reason.startswith("invalid:") else "dropped ") + reason
+        lines.append(f"  {label:<32}{n:>10,}")
+    lines.append(f"  {'truncated (kept)':<32}{s['truncated']:>10,}")
+    return "\n".join(lines)
+
+
+class PreparedPairs(Sequence[Pair]):
+    """A prepared dataset as a sequence of :class:`Pair` (memory-mapped, rows read on demand)."""
+
+    def __init__(self, path: str | Path) -> None:
+        import datasets
+
+        self.path = Path(path)
+        self.info = json.loads((self.path / MARKER).read_text())
+        self._ds = datasets.load_from_disk(str(self.path / "pairs"))
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        r = self._ds[int(i)]
+        return Pair(
+            tuple(r["prompt_ids"]),
+            tuple(r["chosen_ids"]),
+            tuple(r["rejected_ids"]),
+            float(r["weight"]),
+        )
+
+    def source_rows(self) -> list[int]:
+        """Row number (0-based, in the source) of each pair."""
+        return list(self._ds["row"])
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def cache_key(
+    data_path: str, tokenizer: str | None, opts: PrepareOptions, split: str | None
+) -> str:
+    paths = [data_path] + (
+        [str(p) for p in sorted(Path(tokenizer).glob("*")) if p.is_file()] if tokenizer else []
+    )
+    return fingerprint(
+        {"version": PREPARE_VERSION, "opts": asdict(opts), "split": split, "source": data_path},
+        paths,
+    )

@@ -1,0 +1,105 @@
+"""Tokenisation and truncation rules (TRL's conventions, so numbers compare with TRL/CPO runs).
+
+1. Conversations are rendered with the tokenizer's chat template: the prompt text is the template
+   of the prompt messages with the generation prompt; the response text is what the template of
+   prompt + final answer adds after it. Only the final assistant turn is the response.
+2. Prompt and prompt + response are tokenised **without** special tokens. The response ids are
+   ``enc(prompt + response)[len(enc(prompt)):]``. When the tokenizer merges the last prompt
+   characters with the first response characters (the prefix of ``enc(prompt + response)``
+   differs from ``enc(prompt)``), the boundary moves left until it is a common prefix; chosen and
+   rejected then share the shorter prompt. ``prompt + response`` is always exactly the tokenised
+   text.
+3. BOS is put once at the start of the prompt if the tokenizer has one (not twice when a chat
+   template already wrote it).
+4. EOS is appended to each response if it is not already its last token; EOS counts as a
+   response token. Prompt tokens are never scored.
+5. Truncation (``--max-length``, ``--max-prompt-length``): if prompt + the longer response exceed
+   ``max_length``, the prompt is cut to ``max_prompt_length`` (default ``max_length // 2``) first
+   (``keep_end``: keep its end, cutting from the left after BOS — for pre-tokenised rows the first
+   prompt token is taken as BOS; ``keep_start``: keep its start), then the responses are cut from
+   the right to fit. A pair whose response would be empty is dropped and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_simpo.data.rows import ConversationRow, RowError, TextRow
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def render_conversation(tok: Any, row: ConversationRow) -> TextRow:
+    """A conversation row as prompt text + response texts via the chat template."""
+    if not getattr(tok, "chat_template", None):
+        raise RowError(
+            "no_chat_template",
+            "the tokenizer has no chat template, so "
+            "conversations cannot be rendered; use a tokenizer with one or text pairs",
+        )
+    prompt = list(row.prompt)
+    p_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    texts = []
+    for final in (row.chosen, row.rejected):
+        full = tok.apply_chat_template(prompt + [final], tokenize=False)
+        if not full.startswith(p_text):
+            raise RowError(
+                "template_not_prefix",
+                "the chat template renders the prompt "
+                "differently alone and before an answer; cannot split the response",
+            )
+        texts.append(full[len(p_text) :])
+    return TextRow(p_text, texts[0], texts[1], row.weight)
+
+
+def tokenize_text(tok: Any, row: TextRow) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) by the rules above."""
+
+    def enc(text: str) -> list[int]:
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    prompt_ids = enc(row.prompt)
+    fulls = [enc(row.prompt + row.chosen), enc(row.prompt + row.rejected)]
+    # Boundary: the longest common prefix of enc(prompt) and each full sequence.
+    k = min(_common_prefix(prompt_ids, f) for f in fulls)
+    prompt = fulls[0][:k]
+    responses = [f[k:] for f in fulls]
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    if bos is not None and (not prompt or prompt[0] != bos):
+        prompt = [bos] + prompt
+    if eos is not None:
+        responses = [r if (r and r[-1] == eos) else r + [eos] for r in responses]
+    return prompt, responses[0], responses[1]
+
+
+def truncate(
+    prompt: list[int],
+    chosen: list[int],
+    rejected: list[int],
+    *,
+    max_length: int,
+    max_prompt_length: int | None,
+    mode: str,
+    bos: int | None,
+) -> tuple[list[int], list[int], list[int], bool]:
+    """Applies rule 5; returns the pieces and whether anything was cut."""
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest <= max_length:
+        return prompt, chosen, rejected, False
+    limit = max_prompt_length if max_prompt_length is not None else max_length // 2
+    if len(prompt) > limit:
+        if mode == "keep_end":
+            keep_bos = bos is not None and prompt[:1] == [bos]
+            head = prompt[:1] if keep_bos else []
+            prompt = head + prompt[len(prompt) - (limit - len(head)) :]
+        else:
+            prompt = prompt[:limit]
+    room = max_length - len(prompt)
+    return prompt, chosen[:room], rejected[:room], True
