@@ -4,7 +4,8 @@ Commands:
     train                 SimPO training; run under ``torchrun`` for several processes.
     evaluate              SimPO metrics of a checkpoint on a preference file (any TP/PP).
     prepare               Validate, tokenise and truncate preference data ahead of training.
-    convert hf-to-mcore   Import a Hugging Face Llama directory as a Megatron checkpoint.
+    convert hf-to-mcore   Import a Hugging Face Llama/Mistral/Qwen2 directory as a checkpoint.
+    convert mcore-to-hf   Export a checkpoint (any layout) as a Hugging Face directory.
 
 Flags are generated from the config dataclasses (``megatron_simpo/config.py``): every field
 ``foo_bar`` is ``--foo-bar``; booleans also take ``--no-foo-bar``. ``--config FILE`` reads a YAML
@@ -133,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="checkpoint conversion")
     conv_sub = convert.add_subparsers(dest="direction", required=True)
     h2m = conv_sub.add_parser(
-        "hf-to-mcore", help="HF Llama directory -> Megatron checkpoint", formatter_class=fmt
+        "hf-to-mcore",
+        help="HF Llama/Mistral/Qwen2 directory -> Megatron checkpoint",
+        formatter_class=fmt,
     )
     h2m.add_argument("--hf-dir", required=True, help="HF model directory (safetensors)")
     h2m.add_argument("--save", required=True, help="new Megatron checkpoint directory")
@@ -143,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=128,
         help="pad the vocabulary to a multiple of this",
     )
+    m2h = conv_sub.add_parser(
+        "mcore-to-hf", help="Megatron checkpoint -> HF directory", formatter_class=fmt
+    )
+    m2h.add_argument("--load", required=True, help="checkpoint directory (any layout)")
+    m2h.add_argument("--iteration", type=int, help="this iteration instead of the latest")
+    m2h.add_argument("--hf-dir", required=True, help="new HF directory")
+    m2h.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], help="cast the weights (default: as stored)"
+    )
+    m2h.add_argument("--tokenizer", help="tokenizer files to copy (default: recorded at import)")
+    m2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors file")
     return parser
 
 
@@ -221,11 +235,30 @@ def main(argv: list[str] | None = None) -> int:
         # Expected on CPU: Megatron-Core says so once per process and module; not actionable.
         warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
     try:
-        if args.command == "convert":
+        if args.command == "convert" and args.direction == "hf-to-mcore":
             from megatron_simpo.convert.hf import hf_to_mcore
 
             ckpt = hf_to_mcore(args.hf_dir, args.save, args.make_vocab_size_divisible_by)
             print(f"convert: wrote {ckpt}")
+            return 0
+        if args.command == "convert" and args.direction == "hf-to-mcore":
+            from megatron_simpo.convert.hf import hf_to_mcore
+
+            ckpt = hf_to_mcore(args.hf_dir, args.save, args.make_vocab_size_divisible_by)
+            print(f"convert: wrote {ckpt}")
+            return 0
+        if args.command == "convert":
+            from megatron_simpo.convert.export import mcore_to_hf
+
+            out = mcore_to_hf(
+                args.load,
+                args.hf_dir,
+                iteration=args.iteration,
+                dtype=args.dtype,
+                tokenizer=args.tokenizer,
+                max_shard_size=args.max_shard_size,
+            )
+            print(f"convert: wrote {out}")
             return 0
         if args.command == "prepare":
             from megatron_simpo.data.prepare import PrepareOptions, prepare

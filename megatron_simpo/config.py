@@ -131,20 +131,26 @@ class ModelConfig:
         multiple = self.make_vocab_size_divisible_by
         return -(-self.vocab_size // multiple) * multiple
 
-    def to_hf_config(self) -> dict[str, Any]:
-        """The ``config.json`` fields of the equivalent ``LlamaForCausalLM``."""
-        out: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-        }
+    def to_hf_config(self, base: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``config.json`` of the equivalent HF model: ``base`` (the one recorded at import)
+        updated with this config's fields."""
+        out: dict[str, Any] = dict(base or {})
+        out.update(
+            architectures=[FAMILIES[self.model_type]], model_type=self.model_type, hidden_act="silu"
+        )
+        if self.model_type != "qwen2":
+            out.update(attention_bias=False, mlp_bias=False)
+        skip = {"make_vocab_size_divisible_by", "qkv_bias"}
         for f in fields(self):
-            if f.name != "make_vocab_size_divisible_by":
+            if f.name not in skip:
                 out[f.name] = getattr(self, f.name)
         out["num_key_value_heads"] = self.kv_heads
         out["head_dim"] = self.head_size
+        # Both spellings: transformers 5 reads rope_parameters, 4 reads rope_theta/rope_scaling.
+        params = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            params = {**self.rope_scaling, "rope_theta": self.rope_theta}
+        out["rope_parameters"] = params
         return out
 
 

@@ -27,5 +27,7 @@ def test_demo_raises_heldout_accuracy(tmp_path):
     assert after["rewards/margins"] > before["rewards/margins"] + 0.5
     assert "held-out preference accuracy" in res.stdout
     assert (out / "ckpt/latest_checkpointed_iteration.txt").read_text().strip() == "120"
+    assert "loaded by transformers (LlamaForCausalLM" in res.stdout
+    assert (out / "hf/model.safetensors.index.json").is_file()
     rows = (out / "tb/metrics.jsonl").read_text().splitlines()
     assert json.loads(rows[-1])["iteration"] == 120

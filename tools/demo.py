@@ -6,7 +6,8 @@
    ``tools/make_tiny_model.py``);
 2. ``evaluate`` held-out preference accuracy;
 3. ``train`` SimPO at tensor-parallel size 2 (``examples/tiny/simpo.yaml``), with TensorBoard logs;
-4. ``evaluate`` again, and print a summary.
+4. ``evaluate`` again;
+5. ``convert mcore-to-hf`` the trained model and load it back with ``transformers``; summary.
 CPU only; about two minutes on 2 cores.
 """
 
@@ -46,6 +47,28 @@ def torchrun(nproc: int, *args: str) -> list[str]:
         "megatron_simpo",
         *args,
     ]
+
+
+def load_back(hf_dir: Path) -> str:
+    """Loads the exported model with transformers and answers one held-out question."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    row = json.loads((REPO / "examples/tiny/heldout.jsonl").read_text().splitlines()[0])
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True
+    )
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    n = sum(p.numel() for p in model.parameters())
+    return (
+        f"loaded by transformers ({type(model).__name__}, {n:,} parameters); "
+        f"greedy answer to '{row['prompt']}': '{answer.strip()}'"
+    )
 
 
 def main() -> None:
@@ -112,6 +135,20 @@ def main() -> None:
             str(out / "eval_after.json"),
         )
     )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_simpo",
+            "convert",
+            "mcore-to-hf",
+            "--load",
+            str(out / "ckpt"),
+            "--hf-dir",
+            str(out / "hf"),
+        ]
+    )
+    hf_check = load_back(out / "hf")
     before = json.loads((out / "eval_before.json").read_text())
     after = json.loads((out / "eval_after.json").read_text())
     rel = out.relative_to(REPO) if out.is_relative_to(REPO) else out
@@ -124,6 +161,7 @@ held-out SimPO loss:          {before["loss"]:.3f} -> {after["loss"]:.3f}
 ({before["num_pairs"]} held-out pairs, operands never seen in training)
 
 checkpoints:  {rel}/init (imported), {rel}/ckpt (trained)
+HF export:    {rel}/hf — {hf_check}
 evaluations:  {rel}/eval_before.json, {rel}/eval_after.json (per-pair results inside)
 metrics:      {rel}/tb/metrics.jsonl
 TensorBoard:  .venv/bin/tensorboard --logdir {rel}/tb   (then open http://localhost:6006)
