@@ -112,6 +112,7 @@ class Trainer:
             dp_size=ps.get_data_parallel_world_size(),
             seed=cfg.train.seed,
             pad_multiple=p.tensor_model_parallel_size if p.sequence_parallel else 1,
+            uniform_length=p.pipeline_model_parallel_size > 1,
         )
         chunks = build_model(cfg)
         self.model = wrap_ddp(chunks, cfg)

@@ -46,7 +46,7 @@ def test_dp_ranks_partition_the_global_batch(dp, mbs):
                 pairs, global_batch_size=8, micro_batch_size=mbs, dp_rank=rank, dp_size=dp, seed=5
             )
             mbs_list, seq_len = b.micro_batches(it)
-            assert seq_len == ref_len and len(mbs_list) == 8 // (mbs * dp)
+            assert seq_len <= ref_len and len(mbs_list) == 8 // (mbs * dp)
             seen += [mb["weights"] for mb in mbs_list]
         # Weights identify pairs (1.0 + index): same pairs, same order.
         assert torch.equal(torch.cat(seen), ref_mb["weights"])
@@ -86,3 +86,29 @@ def test_sequence_parallel_padding_multiple():
     )
     _, seq_len = b.micro_batches(0)
     assert seq_len % 4 == 0
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_padding_per_micro_batch_or_uniform_under_pipelining(uniform):
+    pairs = _pairs(8)
+    b = PairBatcher(
+        pairs,
+        global_batch_size=8,
+        micro_batch_size=2,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        uniform_length=uniform,
+    )
+    mbs, seq_len = b.micro_batches(0)
+    idx = global_batch_indices(8, 8, 0, seed=0)
+    longest = [
+        max(
+            len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)) - 1
+            for i in idx[k : k + 2]
+        )
+        for k in range(0, 8, 2)
+    ]
+    widths = [mb["tokens"].shape[1] for mb in mbs]
+    assert seq_len == max(longest)
+    assert widths == ([max(longest)] * 4 if uniform else longest)

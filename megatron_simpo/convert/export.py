@@ -39,8 +39,9 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 
-def sharded_key_map(model_cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
-    """Module state-dict name (layer 0) -> (dist-checkpoint key, layer-stacked?).
+def sharded_key_map(model_cfg: ModelConfig) -> dict[str, tuple[str, bool, tuple[int, ...]]]:
+    """Module state-dict name (layer 0) -> (dist-checkpoint key, layer-stacked?, shape of one
+    layer's tensor).
 
     Read off a one-layer proxy model's ``sharded_state_dict`` so the names follow whatever the
     installed Megatron-Core writes (e.g. its TE-compatible norm keys).
@@ -59,7 +60,7 @@ def sharded_key_map(model_cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
         if name.endswith("_extra_state"):
             continue
         # Megatron stacks every decoder-layer tensor along a leading layer axis.
-        out[name] = (sh.key, ".layers." in name)
+        out[name] = (sh.key, ".layers." in name, tuple(sh.data.shape))
     return out
 
 
@@ -85,6 +86,27 @@ def _slice_planner(chunks: dict):
             return t
 
     return SlicePlanner()
+
+
+def extra_state_objects(model_cfg: ModelConfig) -> dict[str, object]:
+    """Layer-stacked ShardedObject keys (module extra state) of this model -> their data."""
+    from dataclasses import replace
+
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_simpo.model import build_model, unwrap
+
+    cfg = RunConfig()
+    cfg.model = replace(model_cfg, num_hidden_layers=1)
+    cfg.train.precision = "fp32"
+    (model,) = build_model(cfg, use_te=False)
+    out = {}
+    for name, sh in unwrap(model).sharded_state_dict().items():
+        if isinstance(sh, ShardedObject):
+            if ".layers." not in name:
+                raise CheckpointError(f"unexpected non-layer extra state {name}")
+            out[sh.key] = sh.data
+    return out
 
 
 class _Reader:
@@ -182,7 +204,7 @@ def _hf_tensors(
         proxy_name = layer_re.sub(".layers.0.", mc_name)
         if proxy_name not in keys:
             raise CheckpointError(f"no checkpoint key for {mc_name}")
-        key, stacked = keys[proxy_name]
+        key, stacked, _ = keys[proxy_name]
         tensor = reader.get(key, layer if stacked else None)
         if not stacked and layer is not None:
             raise CheckpointError(f"{key}: expected a layer-stacked tensor")

@@ -10,6 +10,7 @@ Weights are read with ``safetensors`` only (never unpickled).
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -36,11 +37,17 @@ HF_SIDE_FILES = (
 
 
 class SafetensorsDir:
-    """Lazy, tensor-by-tensor access to the safetensors weights of an HF directory."""
+    """Lazy, tensor-by-tensor access to the safetensors weights of an HF directory.
+
+    Each read opens its file and closes it again: a handle kept open keeps every page it mapped
+    resident, which for a whole model is the model's size.
+    """
 
     def __init__(self, hf_dir: Path) -> None:
         from safetensors import safe_open
 
+        self._safe_open = safe_open
+        self._dir = hf_dir
         index = hf_dir / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -51,8 +58,14 @@ class SafetensorsDir:
             bins = [p.name for p in hf_dir.glob("*.bin")]
             hint = f" (found {bins}: re-save with safe_serialization=True)" if bins else ""
             raise ConfigError(f"--hf-dir {hf_dir}: no safetensors weights{hint}")
-        self._handles = {f: safe_open(str(hf_dir / f), framework="pt") for f in files}
-        self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
+        self._where: dict[str, str] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        for f in files:
+            with safe_open(str(hf_dir / f), framework="pt") as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    self._where[k] = f
+                    self._meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -60,18 +73,85 @@ class SafetensorsDir:
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        dt = self._meta[name][1]
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dt]
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise ConfigError(f"weight '{name}' is missing from the HF checkpoint")
-        return self._handles[self._where[name]].get_tensor(name)
+        with self._safe_open(str(self._dir / self._where[name]), framework="pt") as h:
+            return h.get_tensor(name).clone()
+
+
+def _lazy_save_planner(items: dict[tuple[str, tuple[int, ...]], tuple], objects: dict[str, bytes]):
+    """A torch DCP save planner whose tensors are produced on demand, one chunk at a time.
+
+    ``items``: (key, chunk offsets) -> (global shape, chunk shape, dtype, producer);
+    ``objects``: Megatron ShardedObject unique keys -> their serialized bytes.
+    """
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        MetadataIndex,
+        TensorProperties,
+    )
+    from torch.distributed.checkpoint.planner import (
+        SavePlan,
+        TensorWriteData,
+        WriteItem,
+        WriteItemType,
+    )
+
+    class LazySavePlanner(DefaultSavePlanner):
+        def create_local_plan(self) -> SavePlan:
+            plan = []
+            for (key, offsets), (size, chunk, dtype, _) in items.items():
+                plan.append(
+                    WriteItem(
+                        index=MetadataIndex(key, torch.Size(offsets)),
+                        type=WriteItemType.SHARD,
+                        tensor_data=TensorWriteData(
+                            chunk=ChunkStorageMetadata(
+                                offsets=torch.Size(offsets), sizes=torch.Size(chunk)
+                            ),
+                            properties=TensorProperties(dtype=dtype),
+                            size=torch.Size(size),
+                        ),
+                    )
+                )
+            for fqn in objects:
+                plan.append(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO))
+            self.plan = SavePlan(plan, planner_data={})
+            return self.plan
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return io.BytesIO(objects[write_item.index.fqn])
+            key = (write_item.index.fqn, tuple(write_item.index.offset))
+            return items[key][3]().contiguous()
+
+    return LazySavePlanner()
 
 
 def hf_to_mcore(
     hf_dir: str | Path, save: str | Path, make_vocab_size_divisible_by: int = 128
 ) -> Path:
-    """Converts; returns the checkpoint directory. Single process (world of one)."""
+    """Converts, streaming: each converted tensor (one layer of each weight) is produced only
+    when the checkpoint writer asks for it, so memory stays near one tensor group. Returns the
+    checkpoint directory. Single process."""
+    import os
+    import re
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
     from megatron_simpo import checkpointing, parallel
-    from megatron_simpo.model import build_model, unwrap
+    from megatron_simpo.convert.export import extra_state_objects, sharded_key_map
 
     hf_dir, save = Path(hf_dir), Path(save)
     if not (hf_dir / "config.json").is_file():
@@ -84,7 +164,8 @@ def hf_to_mcore(
     tied = model_cfg.tie_word_embeddings
     if not tied and "lm_head.weight" not in weights:
         raise ConfigError(f"{hf_dir}: tie_word_embeddings is false but lm_head.weight is missing")
-    expected = {h for _, hf, _ in keymap.entries(model_cfg) for h in hf}
+    entries = keymap.entries(model_cfg)
+    expected = {h for _, hf, _ in entries for h in hf}
     extra = [
         k
         for k in weights.keys()
@@ -93,36 +174,107 @@ def hf_to_mcore(
         and not (tied and k == "lm_head.weight")
     ]
     if extra:
-        raise ConfigError(f"{hf_dir}: unexpected weights {extra[:5]}... for a Llama model")
+        raise ConfigError(
+            f"{hf_dir}: unexpected weights {extra[:5]} for a {model_cfg.model_type} model"
+        )
 
-    cfg = RunConfig()
-    cfg.model = model_cfg
-    cfg.train.precision = "fp32"
     parallel.init_distributed()
     parallel.init_model_parallel(1, 1, None, seed=0)
-    (model,) = build_model(cfg, use_te=False)
-    state = keymap.hf_to_megatron(weights.get, model_cfg)
-    own = unwrap(model).state_dict()
-    for name, tensor in state.items():
-        if own[name].shape != tensor.shape:
-            raise ConfigError(
-                f"{name}: converted shape {tuple(tensor.shape)} does not match the "
-                f"model's {tuple(own[name].shape)}; check config.json"
+    keys = sharded_key_map(model_cfg)  # names from a 1-layer proxy of this model
+    shapes = keymap.Shapes.of(model_cfg)
+    layer_re = re.compile(r"\.layers\.(\d+)\.")
+    n_layers = model_cfg.num_hidden_layers
+    items: dict = {}
+    for mc_name, hf_names, transform in entries:
+        m = layer_re.search(mc_name)
+        key, stacked, _ = keys[layer_re.sub(".layers.0.", mc_name)]
+
+        def produce(hf_names=hf_names, transform=transform):
+            return keymap.TRANSFORMS[transform][0]([weights.get(h) for h in hf_names], shapes)
+
+        # Shapes without materialising: convert the metadata through the transform.
+        probe = keymap.TRANSFORMS[transform][0](
+            [
+                torch.empty(weights.shape(h), dtype=weights.dtype(h), device="meta")
+                for h in hf_names
+            ],
+            shapes,
+        )
+        if stacked:
+            layer = int(m.group(1))
+            items[(key, (layer,) + (0,) * probe.dim())] = (
+                (n_layers, *probe.shape),
+                (1, *probe.shape),
+                probe.dtype,
+                lambda produce=produce: produce().unsqueeze(0),
             )
-        own[name].copy_(tensor.to(own[name].dtype))
-    missing = [k for k in own if k not in state and not k.endswith("_extra_state")]
-    if missing:
-        raise ConfigError(f"internal: no conversion rule for {missing[:5]}")
-    ckpt = checkpointing.save_checkpoint(
-        save,
-        0,
-        [model],
-        run_state={"config": {"model": cfg.to_dict()["model"]}, "converted_from": str(hf_dir)},
+        else:
+            items[(key, (0,) * probe.dim())] = (
+                tuple(probe.shape),
+                tuple(probe.shape),
+                probe.dtype,
+                produce,
+            )
+    _check_shapes(items, keys)
+    # Per-layer module extra state (Megatron ShardedObjects, e.g. of linear layers): stored as
+    # Megatron does, torch.save([data]) under "<key>/shard_<layer>_<layers>".
+    objects = {}
+    for key, data in extra_state_objects(model_cfg).items():
+        buf = io.BytesIO()
+        torch.save([data], buf)
+        for i in range(n_layers):
+            objects[f"{key}/shard_{i}_{n_layers}"] = buf.getvalue()
+
+    tmp = save / "iter_0000000.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # "assuming ... a single process": intended
+        warnings.simplefilter("ignore")
+        dcp.save(
+            {},
+            storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=True, thread_count=1),
+            planner=_lazy_save_planner(items, objects),
+            no_dist=True,
+        )
+    torch.save({}, tmp / "common.pt")
+    (tmp / "metadata.json").write_text(
+        json.dumps(
+            {
+                "sharded_backend": "torch_dist",
+                "sharded_backend_version": 1,
+                "common_backend": "torch",
+                "common_backend_version": 1,
+            }
+        )
     )
+    cfg = RunConfig()
+    cfg.model = model_cfg
+    run_state = {
+        "config": {"model": cfg.to_dict()["model"]},
+        "converted_from": str(hf_dir),
+        "iteration": 0,
+        "has_optimizer": False,
+    }
+    (tmp / checkpointing.RUN_STATE).write_text(json.dumps(run_state, indent=1))
+    final = save / "iter_0000000"
+    os.replace(tmp, final)
+    (save / checkpointing.TRACKER).write_text("0\n")
     side = save / "hf"
     side.mkdir(exist_ok=True)
     for name in HF_SIDE_FILES:
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, side / name)
     parallel.destroy_model_parallel()
-    return ckpt
+    return final
+
+
+def _check_shapes(items: dict, keys: dict) -> None:
+    """Compares the converted shapes with those of a Megatron model of this config."""
+    by_key = {key: (name, shape) for name, (key, _, shape) in keys.items()}
+    for (key, _), (_, chunk, _, _) in items.items():
+        name, want = by_key[key]
+        got = tuple(chunk[1:]) if ".layers." in name else tuple(chunk)
+        if got != want:
+            raise ConfigError(
+                f"{name}: converted shape {got} does not match the model's "
+                f"{want}; check config.json"
+            )

@@ -4,7 +4,8 @@ Batching contract: global batch ``i`` is the same set of pairs whatever the para
 (positions ``[i*G, (i+1)*G)`` of a stream of per-epoch permutations seeded by ``--seed``);
 data-parallel rank ``d`` of ``D`` takes the ``d``-th contiguous ``G/D`` slice and splits it into
 micro-batches. Each micro-batch holds whole pairs: chosen rows first, then rejected rows, padded on
-the right to one length for the whole global batch (pipeline stages exchange fixed shapes).
+the right to its longest sequence (to the longest of the rank's slice under pipeline parallelism,
+whose stages exchange fixed shapes), rounded up to the TP size under sequence parallelism.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class PairBatcher:
         dp_size: int,
         seed: int,
         pad_multiple: int = 1,
+        uniform_length: bool = False,
     ) -> None:
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError("global batch must be divisible by micro batch x data-parallel size")
@@ -109,24 +111,33 @@ class PairBatcher:
         self.dp_size = dp_size
         self.seed = seed
         self.pad_multiple = pad_multiple
+        self.uniform_length = uniform_length
 
     @property
     def num_microbatches(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
     def seq_len(self, batch: list[Pair]) -> int:
-        """Padded input length for a global batch (same on every rank of the layout)."""
+        """Padded input length of some pairs (their longest sequence, rounded up)."""
         longest = (
             max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in batch) - 1
         )
         return -(-longest // self.pad_multiple) * self.pad_multiple
 
     def micro_batches(self, iteration: int) -> tuple[list[dict[str, torch.Tensor]], int]:
-        """This rank's micro-batches of global batch ``iteration`` and their padded length."""
+        """This rank's micro-batches of global batch ``iteration`` and the longest padded length.
+
+        Each micro-batch is padded to its own longest sequence, or, with ``uniform_length``
+        (pipeline parallelism: stages exchange fixed shapes), all to the longest of this rank's
+        slice — the same on every stage of its pipeline, which holds the same slice.
+        """
         idx = global_batch_indices(len(self.pairs), self.global_batch_size, iteration, self.seed)
-        batch = [self.pairs[i] for i in idx]
-        seq_len = self.seq_len(batch)
         per_rank = self.global_batch_size // self.dp_size
-        mine = batch[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        mine = [self.pairs[i] for i in idx[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]]
         mbs = self.micro_batch_size
-        return [collate(mine[i : i + mbs], seq_len) for i in range(0, per_rank, mbs)], seq_len
+        groups = [mine[i : i + mbs] for i in range(0, per_rank, mbs)]
+        if self.uniform_length:
+            seq_len = self.seq_len(mine)
+            return [collate(g, seq_len) for g in groups], seq_len
+        lengths = [self.seq_len(g) for g in groups]
+        return [collate(g, n) for g, n in zip(groups, lengths)], max(lengths)

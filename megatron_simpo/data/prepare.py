@@ -35,7 +35,12 @@ from megatron_simpo.data.rows import (
     parse_row,
 )
 from megatron_simpo.data.sources import describe, fingerprint, iter_rows
-from megatron_simpo.data.tokenize import render_conversation, tokenize_text, truncate
+from megatron_simpo.data.tokenize import (
+    render_conversation,
+    texts_to_encode,
+    tokenize_text,
+    truncate,
+)
 from megatron_simpo.errors import DataError
 
 PREPARE_VERSION = 1
@@ -70,30 +75,45 @@ def load_tokenizer(path: str) -> Any:
     return _TOKENIZERS[path]
 
 
-def process_row(raw: Any, tok: Any, opts: PrepareOptions) -> dict[str, Any]:
+def parse_and_render(raw: Any, tok: Any, opts: PrepareOptions) -> TextRow | IdsRow:
+    """Validates a row and renders conversations to text (raises RowError)."""
+    row = parse_row(raw, opts.schema, opts.vocab_size)
+    if isinstance(row, IdsRow):
+        return row
+    if tok is None:
+        raise RowError("no_tokenizer", "text rows need --tokenizer DIR")
+    return render_conversation(tok, row) if isinstance(row, ConversationRow) else row
+
+
+def process_row(
+    raw: Any,
+    tok: Any,
+    opts: PrepareOptions,
+    encoded: dict[str, list[int]] | None = None,
+    parsed: TextRow | IdsRow | RowError | None = None,
+) -> dict[str, Any]:
     """One row -> a result record (status ``kept``, ``tie``, ``empty_after_truncation`` or
-    ``invalid:<reason>`` with a message)."""
+    ``invalid:<reason>`` with a message). ``parsed``/``encoded``: work already done in a batch."""
     out: dict[str, Any] = {
         "status": "kept",
         "message": "",
         "truncated": False,
+        "max_id": -1,
         "prompt_ids": [],
         "chosen_ids": [],
         "rejected_ids": [],
         "weight": 1.0,
     }
     try:
-        row = parse_row(raw, opts.schema, opts.vocab_size)
+        if isinstance(parsed, RowError):
+            raise parsed
+        row = parsed if parsed is not None else parse_and_render(raw, tok, opts)
         if is_tie(row) and not opts.keep_ties:
             return {**out, "status": "tie", "message": "chosen and rejected are identical"}
         if isinstance(row, IdsRow):
             p, c, r = list(row.prompt_ids), list(row.chosen_ids), list(row.rejected_ids)
         else:
-            if tok is None:
-                raise RowError("no_tokenizer", "text rows need --tokenizer DIR")
-            text = render_conversation(tok, row) if isinstance(row, ConversationRow) else row
-            assert isinstance(text, TextRow)
-            p, c, r = tokenize_text(tok, text)
+            p, c, r = tokenize_text(tok, row, encoded)
             if opts.vocab_size is not None and max(p + c + r) >= opts.vocab_size:
                 raise RowError(
                     "id_out_of_vocab",
@@ -121,7 +141,14 @@ def process_row(raw: Any, tok: Any, opts: PrepareOptions) -> dict[str, Any]:
                 "status": "empty_after_truncation",
                 "message": "a response is empty after truncation",
             }
-        return {**out, "prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "weight": row.weight}
+        return {
+            **out,
+            "prompt_ids": p,
+            "chosen_ids": c,
+            "rejected_ids": r,
+            "weight": row.weight,
+            "max_id": max(p + c + r),
+        }
     except RowError as e:
         return {**out, "status": f"invalid:{e.reason}", "message": str(e)}
 
@@ -129,15 +156,30 @@ def process_row(raw: Any, tok: Any, opts: PrepareOptions) -> dict[str, Any]:
 def _map_batch(batch: dict[str, list], tokenizer: str | None, opts: dict) -> dict[str, list]:
     options = PrepareOptions(**opts)
     tok = load_tokenizer(tokenizer) if tokenizer else None
+    # Parse and render every row first, then encode all texts of the batch in one call (the
+    # fast tokenizers batch in Rust), then finish row by row.
+    parsed: list = []
+    for raw, bad_reason in zip(batch["raw"], batch["bad_reason"]):
+        if bad_reason:
+            parsed.append(None)
+            continue
+        try:
+            parsed.append(parse_and_render(json.loads(raw), tok, options))
+        except RowError as e:
+            parsed.append(e)
+    texts = sorted({t for p in parsed if isinstance(p, TextRow) for t in texts_to_encode(p)})
+    encoded = {}
+    if texts:
+        encoded = dict(zip(texts, tok(texts, add_special_tokens=False)["input_ids"]))
     results = []
-    for raw, bad_reason, bad_msg in zip(batch["raw"], batch["bad_reason"], batch["bad_message"]):
+    for p, bad_reason, bad_msg in zip(parsed, batch["bad_reason"], batch["bad_message"]):
         if bad_reason:
             results.append(
                 process_row(None, None, options)
                 | {"status": f"invalid:{bad_reason}", "message": bad_msg}
             )
         else:
-            results.append(process_row(json.loads(raw), tok, options))
+            results.append(process_row(None, tok, options, encoded, p))
     return {k: [r[k] for r in results] for k in results[0]}
 
 
@@ -214,20 +256,15 @@ def prepare(
                     "--skip-invalid to skip invalid rows"
                 )
     counts = Counter(statuses)
-    kept = ds.filter(lambda s: s == "kept", input_columns="status")
+    keep = [i for i, s in enumerate(statuses) if s == "kept"]
+    kept = ds.select(keep)
     summary = {
         "source": describe(data_path),
         "rows": len(statuses),
         "kept": counts.pop("kept", 0),
         "dropped": dict(sorted(counts.items())),
         "truncated": int(sum(kept["truncated"])),
-        "max_id": max(
-            (
-                max(p + c + r)
-                for p, c, r in zip(kept["prompt_ids"], kept["chosen_ids"], kept["rejected_ids"])
-            ),
-            default=-1,
-        ),
+        "max_id": max(kept["max_id"], default=-1),
     }
     if not summary["kept"]:
         raise DataError(

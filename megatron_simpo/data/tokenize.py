@@ -59,10 +59,20 @@ def render_conversation(tok: Any, row: ConversationRow) -> TextRow:
     return TextRow(p_text, texts[0], texts[1], row.weight)
 
 
-def tokenize_text(tok: Any, row: TextRow) -> tuple[list[int], list[int], list[int]]:
-    """(prompt_ids, chosen_ids, rejected_ids) by the rules above."""
+def texts_to_encode(row: TextRow) -> tuple[str, str, str]:
+    """The three texts :func:`tokenize_text` encodes (to batch them across rows)."""
+    return row.prompt, row.prompt + row.chosen, row.prompt + row.rejected
+
+
+def tokenize_text(
+    tok: Any, row: TextRow, encoded: dict[str, list[int]] | None = None
+) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) by the rules above; ``encoded`` may hold the
+    encodings of :func:`texts_to_encode` computed in one batched call."""
 
     def enc(text: str) -> list[int]:
+        if encoded is not None and text in encoded:
+            return encoded[text]
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
     prompt_ids = enc(row.prompt)
