@@ -76,6 +76,7 @@ def save_checkpoint(
     optimizer=None,
     scheduler=None,
     run_state: dict[str, Any] | None = None,
+    keep_last: int | None = None,
 ) -> Path:
     """Saves model (and optimizer/scheduler if given) at ``iteration``; collective."""
     root = Path(root)
@@ -109,8 +110,18 @@ def save_checkpoint(
         tracker_tmp = root / (TRACKER + ".tmp")
         tracker_tmp.write_text(f"{iteration}\n")
         os.replace(tracker_tmp, root / TRACKER)
+        if keep_last is not None:
+            _prune(root, keep_last, keep=final)
     _barrier()
     return final
+
+
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    """Removes all but the newest ``keep_last`` published checkpoints (never ``keep``)."""
+    published = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    for old in published[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def copy_hf_side_files(src: str | Path | None, root: str | Path) -> None:

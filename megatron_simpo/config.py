@@ -251,6 +251,10 @@ class TrainConfig:
     """Save every N iterations (and at the end) when --save is set."""
     exit_interval: int | None = None
     """Stop (after saving, if --save) once the iteration count is a multiple of N."""
+    exit_duration_in_mins: float | None = None
+    """Stop (after saving, if --save) once the run has lasted this long."""
+    keep_last: int | None = None
+    """Keep only the newest K checkpoints under --save (None keeps all)."""
 
 
 @dataclass
@@ -428,6 +432,8 @@ class RunConfig:
             raise ConfigError(f"--beta must be positive, got {lo.beta}")
         if lo.sft_weight < 0:
             raise ConfigError(f"--sft-weight must be >= 0, got {lo.sft_weight}")
+        if t.keep_last is not None and t.keep_last < 1:
+            raise ConfigError(f"--keep-last must be >= 1, got {t.keep_last}")
         if t.save_interval is not None and t.save is None:
             raise ConfigError("--save-interval needs --save DIR")
         d = self.data

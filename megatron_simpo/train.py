@@ -11,6 +11,8 @@ Run (CPU, gloo; the same command runs on CUDA/NCCL)::
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -118,10 +120,15 @@ class Trainer:
         self.model = wrap_ddp(chunks, cfg)
         chunks[0].config.finalize_model_grads_func = finalize_model_grads
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
-        if cfg.train.load:
-            info = checkpointing.load_checkpoint(
-                cfg.train.load, self.model, self.optimizer, self.scheduler
-            )
+        # The same command is requeue-safe: a checkpoint already under --save wins over --load.
+        source = cfg.train.load
+        if cfg.train.save and checkpointing.checkpoint_dir(cfg.train.save) is not None:
+            source = cfg.train.save
+        if source:
+            info = checkpointing.load_checkpoint(source, self.model, self.optimizer, self.scheduler)
+            if dist.get_rank() == 0:
+                kind = "resuming" if info["resumed_optimizer"] else "starting from"
+                print(f"{kind} {source} (iteration {info.get('iteration', 0)})", flush=True)
             if info["resumed_optimizer"]:
                 self.iteration = int(info.get("iteration", 0))
                 self.consumed_pairs = int(info.get("consumed_pairs", 0))
@@ -163,6 +170,39 @@ class Trainer:
         rows = score_pairs(self.model, self.cfg, pairs)
         return {f"eval/{k}": v for k, v in summarize(rows).items()} if rows else {}
 
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (Slurm before a time limit or preemption): finish the iteration,
+        checkpoint, exit 0."""
+        self._signal: int | None = None
+        self._stop_reason = ""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            self._signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _should_stop(self, start: float) -> bool:
+        """Whether any rank got a stop signal or the time limit passed (collective, so every
+        rank stops at the same iteration)."""
+        limit = self.cfg.train.exit_duration_in_mins
+        flags = torch.tensor(
+            [
+                float(self._signal is not None),
+                float(limit is not None and time.time() - start > limit * 60),
+            ]
+        )
+        if torch.cuda.is_available():
+            flags = flags.cuda()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0]:
+            self._stop_reason = "stop signal received (SIGTERM/SIGUSR1)"
+        elif flags[1]:
+            self._stop_reason = f"--exit-duration-in-mins {limit} reached"
+        return bool(flags.any())
+
     def save(self) -> None:
         checkpointing.copy_hf_side_files(self.cfg.train.load, self.cfg.train.save)
         checkpointing.save_checkpoint(
@@ -172,6 +212,7 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             run_state={"consumed_pairs": self.consumed_pairs, "config": self.cfg.to_dict()},
+            keep_last=self.cfg.train.keep_last,
         )
 
     def train(self) -> list[dict[str, float]]:
@@ -183,6 +224,7 @@ class Trainer:
         history = []
         start = time.time()
         saved_at = self.iteration
+        self._install_signal_handlers()
         try:
             while self.iteration < t.train_iters:
                 metrics = self.step()
@@ -201,6 +243,10 @@ class Trainer:
                     self.save()
                     saved_at = it
                 if t.exit_interval and it % t.exit_interval == 0:
+                    break
+                if self._should_stop(start):
+                    if dist.get_rank() == 0:
+                        print(f"stopping at iteration {it}: {self._stop_reason}", flush=True)
                     break
             if t.save and saved_at != self.iteration:
                 self.save()
