@@ -318,6 +318,15 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def virtual_pipeline_size(self) -> int | None:
+        """Virtual pipeline stages per pipeline rank (None without interleaving)."""
+        p = self.parallel
+        if p.num_layers_per_virtual_pipeline_stage is None:
+            return None
+        per_stage = self.model.num_hidden_layers // p.pipeline_model_parallel_size
+        return per_stage // p.num_layers_per_virtual_pipeline_stage
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
         """Builds a config from nested sections; unknown sections or keys are errors."""

@@ -26,17 +26,8 @@ from megatron_simpo import checkpointing, parallel
 from megatron_simpo.config import RunConfig
 from megatron_simpo.data import Pair, collate, pairs_for
 from megatron_simpo.model import build_model
+from megatron_simpo.step import PAIR_KEYS as PER_PAIR_KEYS
 from megatron_simpo.step import run_forward_backward
-
-PER_PAIR_KEYS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-)
 
 
 def _pad_to(n: int, multiple: int) -> int:
@@ -103,19 +94,7 @@ def summarize(rows: list[dict]) -> dict:
 def evaluate(cfg: RunConfig, output: str | None = None) -> dict | None:
     """The ``evaluate`` command (collective); returns the result on the writing rank."""
     parallel.init_distributed(cfg.parallel.distributed_timeout_minutes)
-    p = cfg.parallel
-    vpp = None
-    if p.num_layers_per_virtual_pipeline_stage is not None:
-        vpp = (
-            cfg.model.num_hidden_layers // p.pipeline_model_parallel_size
-        ) // p.num_layers_per_virtual_pipeline_stage
-    parallel.init_model_parallel(
-        p.tensor_model_parallel_size,
-        p.pipeline_model_parallel_size,
-        vpp,
-        seed=cfg.train.seed,
-        timeout_minutes=p.distributed_timeout_minutes,
-    )
+    parallel.init_model_parallel_for(cfg)
     pairs = pairs_for(cfg, cfg.data.data_path)
     model = build_model(cfg)
     checkpointing.load_checkpoint(cfg.train.load, model)

@@ -70,10 +70,6 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = model_dtype(cfg)
     cuda = torch.cuda.is_available()
-    vpp = None
-    if p.num_layers_per_virtual_pipeline_stage is not None:
-        per_stage = m.num_hidden_layers // p.pipeline_model_parallel_size
-        vpp = per_stage // p.num_layers_per_virtual_pipeline_stage
     return TransformerConfig(
         num_layers=m.num_hidden_layers,
         hidden_size=m.hidden_size,
@@ -92,7 +88,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         init_method_std=m.initializer_range,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=vpp,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_size,
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,

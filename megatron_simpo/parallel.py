@@ -60,3 +60,15 @@ def destroy_model_parallel() -> None:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+
+
+def init_model_parallel_for(cfg) -> None:
+    """:func:`init_model_parallel` with a run config's sizes, seed and timeout."""
+    p = cfg.parallel
+    init_model_parallel(
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        cfg.virtual_pipeline_size,
+        seed=cfg.train.seed,
+        timeout_minutes=p.distributed_timeout_minutes,
+    )

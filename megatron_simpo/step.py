@@ -21,8 +21,8 @@ from megatron_simpo.config import LossConfig
 from megatron_simpo.logprobs import vocab_parallel_logprobs
 from megatron_simpo.loss import sequence_logps, simpo_loss
 
-#: Summed per micro-batch, then over data-parallel ranks; divided by "pairs" for the means.
-REPORT_KEYS = (
+#: Per-pair SimPO metrics (TRL's names), in ``pair_metrics`` and ``evaluate``'s ``per_pair``.
+PAIR_KEYS = (
     "loss",
     "rewards/chosen",
     "rewards/rejected",
@@ -30,11 +30,9 @@ REPORT_KEYS = (
     "rewards/accuracies",
     "logps/chosen",
     "logps/rejected",
-    "length/chosen",
-    "length/rejected",
-    "pairs",
-    "tokens",
 )
+#: Summed per micro-batch, then over data-parallel ranks; divided by "pairs" for the means.
+REPORT_KEYS = (*PAIR_KEYS, "length/chosen", "length/rejected", "pairs", "tokens")
 
 
 def pair_metrics(

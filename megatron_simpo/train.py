@@ -88,17 +88,7 @@ class Trainer:
         cfg = self.cfg
         cfg.validate(world_size=dist.get_world_size())
         p = cfg.parallel
-        vpp = None
-        if p.num_layers_per_virtual_pipeline_stage is not None:
-            per_stage = cfg.model.num_hidden_layers // p.pipeline_model_parallel_size
-            vpp = per_stage // p.num_layers_per_virtual_pipeline_stage
-        parallel.init_model_parallel(
-            p.tensor_model_parallel_size,
-            p.pipeline_model_parallel_size,
-            vpp,
-            seed=cfg.train.seed,
-            timeout_minutes=p.distributed_timeout_minutes,
-        )
+        parallel.init_model_parallel_for(cfg)
         # Read (and validate) the data before building anything expensive.
         pairs = pairs_for(cfg, cfg.data.data_path)
         self.eval_pairs = None
