@@ -62,6 +62,27 @@ def torchrun(
     )
 
 
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs ``python -m megatron_simpo ARGS`` (one process, no torchrun) from the repo root."""
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_simpo", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+#: Llama-3 RoPE scaling with a short original context, so the scaling shows at test lengths.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

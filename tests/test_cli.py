@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
-from conftest import REPO, torchrun
+from conftest import REPO, run_cli, torchrun
 
 REQUIRED_KEYS = {
     "iteration",
@@ -102,16 +101,6 @@ def test_save_exit_and_resume(tp2_run):
     assert state["iteration"] == 12 and state["consumed_pairs"] == 12 * 16
     assert state["config"]["parallel"]["tensor_model_parallel_size"] == 2
     assert not list((out / "ckpt").glob("*.tmp"))
-
-
-def run_cli(*args, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_simpo", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_config_error_is_one_line_without_traceback():

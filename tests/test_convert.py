@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_cli
 
 from megatron_simpo.config import ModelConfig
 from megatron_simpo.convert import keymap
@@ -141,24 +139,16 @@ def test_unsupported_configs_are_refused(tmp_path, patch, message):
         ModelConfig.from_hf_config(tmp_path)
 
 
-def run_convert(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_simpo", "convert", "hf-to-mcore", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-
-
 def test_convert_cli_errors(tmp_path):
-    res = run_convert("--hf-dir", str(tmp_path / "none"), "--save", str(tmp_path / "c"))
+    res = run_cli(
+        "convert", "hf-to-mcore", "--hf-dir", str(tmp_path / "none"), "--save", str(tmp_path / "c")
+    )
     assert res.returncode == 2 and "no config.json there" in res.stderr
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text((REPO / "examples/tiny/config.json").read_text())
     (hf / "pytorch_model.bin").write_bytes(b"not loaded")
-    res = run_convert("--hf-dir", str(hf), "--save", str(tmp_path / "c"))
+    res = run_cli("convert", "hf-to-mcore", "--hf-dir", str(hf), "--save", str(tmp_path / "c"))
     assert res.returncode == 2 and "no safetensors weights" in res.stderr
     assert "safe_serialization=True" in res.stderr and "Traceback" not in res.stderr
 
@@ -170,6 +160,6 @@ def test_convert_cli_refuses_shape_mismatch(tmp_path):
     cfg["intermediate_size"] = 96  # the weights have 128
     (hf / "config.json").write_text(json.dumps(cfg))
     (hf / "model.safetensors").write_bytes((REPO / "examples/tiny/model.safetensors").read_bytes())
-    res = run_convert("--hf-dir", str(hf), "--save", str(tmp_path / "c"))
+    res = run_cli("convert", "hf-to-mcore", "--hf-dir", str(hf), "--save", str(tmp_path / "c"))
     assert res.returncode == 2, res.stderr[-2000:]
     assert "does not match the model's" in res.stderr and "Traceback" not in res.stderr

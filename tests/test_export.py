@@ -4,23 +4,13 @@ TP2xPP2 + distributed-optimizer training checkpoint whose logits match ``transfo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, torchrun
+from conftest import LLAMA3_ROPE, REPO, run_cli, torchrun
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
-
-LLAMA3 = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
 
 
 def make(family: str, out, **over):
@@ -36,7 +26,7 @@ def make(family: str, out, **over):
     )
     if family == "llama":
         cfg = transformers.LlamaConfig(
-            **common, rope_scaling=LLAMA3, rope_theta=5e5, tie_word_embeddings=True, **over
+            **common, rope_scaling=LLAMA3_ROPE, rope_theta=5e5, tie_word_embeddings=True, **over
         )
         model = transformers.LlamaForCausalLM(cfg)
     elif family == "mistral":
@@ -51,16 +41,6 @@ def make(family: str, out, **over):
                 p.uniform_(-0.5, 1.5)  # visible if a norm or bias were mis-mapped
     model.save_pretrained(out)
     return model
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_simpo", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def hf_tensors(d) -> dict[str, torch.Tensor]:
@@ -79,11 +59,11 @@ def hf_tensors(d) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_round_trip_is_lossless(tmp_path, family):
     make(family, tmp_path / "hf")
-    res = cli(
+    res = run_cli(
         "convert", "hf-to-mcore", "--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "ckpt")
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    res = cli(
+    res = run_cli(
         "convert",
         "mcore-to-hf",
         "--load",
@@ -109,13 +89,13 @@ def test_round_trip_is_lossless(tmp_path, family):
 
 
 def test_export_errors(tmp_path):
-    res = cli(
+    res = run_cli(
         "convert", "mcore-to-hf", "--load", str(tmp_path / "none"), "--hf-dir", str(tmp_path / "o")
     )
     assert res.returncode == 2 and "no checkpoint there" in res.stderr
     (tmp_path / "o").mkdir()
     (tmp_path / "o/x").write_text("keep me")
-    res = cli(
+    res = run_cli(
         "convert", "mcore-to-hf", "--load", str(REPO / "examples"), "--hf-dir", str(tmp_path / "o")
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr
@@ -125,7 +105,7 @@ def test_export_errors(tmp_path):
 def test_export_of_tp2_pp2_distopt_training_checkpoint_matches_transformers(tmp_path):
     make("qwen2", tmp_path / "hf")
     assert (
-        cli(
+        run_cli(
             "convert",
             "hf-to-mcore",
             "--hf-dir",
@@ -176,7 +156,7 @@ def test_export_of_tp2_pp2_distopt_training_checkpoint_matches_transformers(tmp_
         ],
     )
     assert res.returncode == 0, res.stderr[-4000:]
-    res = cli(
+    res = run_cli(
         "convert",
         "mcore-to-hf",
         "--load",

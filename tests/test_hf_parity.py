@@ -8,30 +8,23 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, torchrun
+from conftest import LLAMA3_ROPE, REPO, torchrun
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 100
-LLAMA3 = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
 #: name -> LlamaConfig overrides: GQA and MHA, tied and untied, with and without Llama-3 RoPE.
 VARIANTS = {
     "gqa_untied_llama3": {
         "num_key_value_heads": 2,
         "tie_word_embeddings": False,
-        "rope_scaling": LLAMA3,
+        "rope_scaling": LLAMA3_ROPE,
     },
     "mha_tied": {"num_key_value_heads": 4, "tie_word_embeddings": True},
     "gqa_tied_llama3": {
         "num_key_value_heads": 1,
         "tie_word_embeddings": True,
-        "rope_scaling": LLAMA3,
+        "rope_scaling": LLAMA3_ROPE,
     },
     "mha_untied": {"num_key_value_heads": 4, "tie_word_embeddings": False},
 }
