@@ -20,12 +20,12 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 lint: install
-	$(PY) -m ruff check megatron_simpo tests tools
-	$(PY) -m ruff format --check megatron_simpo tests tools
+	$(PY) -m ruff check megatron_simpo tests tools benchmarks
+	$(PY) -m ruff format --check megatron_simpo tests tools benchmarks
 
 format: install
-	$(PY) -m ruff format megatron_simpo tests tools
-	$(PY) -m ruff check --fix megatron_simpo tests tools
+	$(PY) -m ruff format megatron_simpo tests tools benchmarks
+	$(PY) -m ruff check --fix megatron_simpo tests tools benchmarks
 
 test: lint
 	$(PY) -m pytest -q

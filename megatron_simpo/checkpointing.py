@@ -150,6 +150,7 @@ def load_checkpoint(
     state = _model_state(model)
     resume = optimizer is not None and info.get("has_optimizer", False)
     if resume:
+        _init_torch_adam_states(optimizer)
         merged = {}
         for v in state.values():
             merged.update(v)
@@ -166,11 +167,88 @@ def load_checkpoint(
     for key, chunk in zip([k for k in state if k.startswith("model")], model):
         unwrap(chunk).load_state_dict(loaded[key])
     if resume:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _skip_step_when_setting_states(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_torch_adam_steps(optimizer)
         if scheduler is not None and "scheduler" in loaded:
             scheduler.load_state_dict(loaded["scheduler"])
     info["resumed_optimizer"] = resume
     return info
+
+
+# Resuming a DistributedOptimizer checkpoint without apex/TE (torch AdamW fallback) hits three
+# Megatron-Core bugs (0.16.1; the code is unchanged up to 0.19). The three helpers below work
+# around them and do nothing when a fused Adam (apex/TE) is installed.
+
+
+def _distributed_optimizers(optimizer) -> list:
+    from megatron.core.optimizer import distrib_optimizer as do
+
+    if getattr(do, "HAVE_APEX_OR_TE", True):
+        return []
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [p for p in parts if isinstance(p, do.DistributedOptimizer)]
+
+
+def _torch_adams_of_distributed_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The inner torch Adam of each ``DistributedOptimizer`` of the fallback."""
+    return [d.optimizer for d in _distributed_optimizers(optimizer)]
+
+
+@contextmanager
+def _skip_step_when_setting_states(optimizer):
+    """Bug 2: ``load_parameter_state_*`` leaves ``step`` out of the loaded tensors (it lives in
+    the param groups) but ``_set_main_param_and_optimizer_states`` copies every state key,
+    ``step`` included -> KeyError. While loading, ``step`` is set aside around that call."""
+    originals = []
+    for dopt in _distributed_optimizers(optimizer):
+        original = dopt._set_main_param_and_optimizer_states
+
+        def patched(model_param, tensors, dopt=dopt, original=original):
+            group_index, group_order = dopt.model_param_group_index_map[model_param]
+            main = dopt.optimizer.param_groups[group_index]["params"][group_order]
+            state = dopt.optimizer.state[main]
+            step = state.pop("step", None) if "step" not in tensors else None
+            try:
+                original(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step.detach().clone()
+
+        dopt._set_main_param_and_optimizer_states = patched
+        originals.append(dopt)
+    try:
+        yield
+    finally:
+        for dopt in originals:
+            del dopt._set_main_param_and_optimizer_states  # back to the class method
+
+
+def _init_torch_adam_states(optimizer) -> None:
+    """Bug 1: ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` calls
+    ``state_dict()``, which asserts that every param's state holds one common ``step`` -- false
+    before the first step, when the state is empty. Zero states with step 0 make it pass;
+    loading overwrites all of them."""
+    for adam in _torch_adams_of_distributed_optimizers(optimizer):
+        for group in adam.param_groups:
+            for p in group["params"]:
+                if not adam.state[p]:
+                    adam.state[p] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(p),
+                        "exp_avg_sq": torch.zeros_like(p),
+                    }
+
+
+def _unshare_torch_adam_steps(optimizer) -> None:
+    """Bug 3: ``DistributedOptimizer.load_state_dict`` puts one ``step``
+    tensor object into every param's state; torch Adam increments each param's step in place,
+    so a shared tensor advances once per parameter per iteration and bias correction goes
+    wrong after a resume. Each param gets its own copy."""
+    for adam in _torch_adams_of_distributed_optimizers(optimizer):
+        for state in adam.state.values():
+            if "step" in state and torch.is_tensor(state["step"]):
+                state["step"] = state["step"].detach().clone()
 
 
 @contextmanager

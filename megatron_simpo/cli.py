@@ -6,6 +6,8 @@ Commands:
     prepare               Validate, tokenise and truncate preference data ahead of training.
     convert hf-to-mcore   Import a Hugging Face Llama/Mistral/Qwen2 directory as a checkpoint.
     convert mcore-to-hf   Export a checkpoint (any layout) as a Hugging Face directory.
+    plot                  PNG dashboard of one or more runs' metrics.jsonl (overlaid).
+    plan                  Per-GPU memory (SimPO vs DPO+reference) and layouts that fit.
 
 Flags are generated from the config dataclasses (``megatron_simpo/config.py``): every field
 ``foo_bar`` is ``--foo-bar``; booleans also take ``--no-foo-bar``. ``--config FILE`` reads a YAML
@@ -157,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m2h.add_argument("--tokenizer", help="tokenizer files to copy (default: recorded at import)")
     m2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors file")
+    plot = sub.add_parser(
+        "plot", help="PNG dashboard of runs (loss, rewards, accuracy, lengths)", formatter_class=fmt
+    )
+    plot.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="--tensorboard-dir of a run, or its parent"
+    )
+    plot.add_argument("--output", required=True, help="the PNG to write")
+    plot.add_argument("--smooth", type=float, default=0.0, help="EMA weight for train curves")
+    from megatron_simpo import plan
+
+    plan.add_arguments(
+        sub.add_parser("plan", help="per-GPU memory and ranked layouts", formatter_class=fmt)
+    )
     return parser
 
 
@@ -196,24 +211,43 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if "." in key:
             section, name = key.split(".", 1)
             setattr(getattr(cfg, section), name, value)
+    model_from = "the model settings given" if _model_given(args, raw) else None
     if cfg.train.load:
-        saved = checkpoint_model_config(cfg.train.load)
-        if saved is not None:
-            if not _model_given(args, raw):
-                cfg.model = saved
-            elif saved != cfg.model:
-                diff = [
-                    f"{f.name}: checkpoint {getattr(saved, f.name)!r} vs given "
-                    f"{getattr(cfg.model, f.name)!r}"
-                    for f in fields(ModelConfig)
-                    if getattr(saved, f.name) != getattr(cfg.model, f.name)
-                ]
-                raise ConfigError(
-                    f"--load {cfg.train.load}: the checkpoint's model differs from the model "
-                    f"settings given ({'; '.join(diff)}); drop the model settings to use the "
-                    "checkpoint's, or load a matching checkpoint"
-                )
+        model_from = _check_checkpoint_model(cfg, "--load", cfg.train.load, model_from)
+    if getattr(args, "command", None) == "train" and cfg.train.save:
+        from megatron_simpo.checkpointing import checkpoint_dir
+
+        if checkpoint_dir(cfg.train.save) is not None:  # a requeued run resumes from here
+            _check_checkpoint_model(cfg, "--save", cfg.train.save, model_from)
     return cfg
+
+
+def _check_checkpoint_model(cfg: RunConfig, flag: str, path: str, model_from: str | None) -> str:
+    """Takes the model config from the checkpoint at ``path`` if none was given yet, else
+    requires it to agree; returns where the model config now comes from."""
+    saved = checkpoint_model_config(path)
+    if saved is None:
+        return model_from or f"{flag} {path}"
+    if model_from is None:
+        cfg.model = saved
+        return f"the checkpoint of {flag} {path}"
+    if saved != cfg.model:
+        diff = [
+            f"{f.name}: checkpoint {getattr(saved, f.name)!r} "
+            f"vs given {getattr(cfg.model, f.name)!r}"
+            for f in fields(ModelConfig)
+            if getattr(saved, f.name) != getattr(cfg.model, f.name)
+        ]
+        fix = (
+            "use a new --save directory for another model"
+            if flag == "--save"
+            else "drop the model settings to use the checkpoint's, or load a matching checkpoint"
+        )
+        raise ConfigError(
+            f"{flag} {path}: the checkpoint's model differs from {model_from} "
+            f"({'; '.join(diff)}); {fix}"
+        )
+    return model_from
 
 
 def checkpoint_model_config(load: str) -> ModelConfig | None:
@@ -229,18 +263,20 @@ def checkpoint_model_config(load: str) -> ModelConfig | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "plan":  # arithmetic only: answers without importing torch
+        from megatron_simpo.plan import main as plan_main
+
+        try:
+            return plan_main(args)
+        except SimPOError as e:
+            print(f"megatron-simpo: error: {e}", file=sys.stderr)
+            return e.exit_code
     import torch
 
     if not torch.cuda.is_available():
         # Expected on CPU: Megatron-Core says so once per process and module; not actionable.
         warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
     try:
-        if args.command == "convert" and args.direction == "hf-to-mcore":
-            from megatron_simpo.convert.hf import hf_to_mcore
-
-            ckpt = hf_to_mcore(args.hf_dir, args.save, args.make_vocab_size_divisible_by)
-            print(f"convert: wrote {ckpt}")
-            return 0
         if args.command == "convert" and args.direction == "hf-to-mcore":
             from megatron_simpo.convert.hf import hf_to_mcore
 
@@ -259,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
                 max_shard_size=args.max_shard_size,
             )
             print(f"convert: wrote {out}")
+            return 0
+        if args.command == "plot":
+            from megatron_simpo.plot import plot_runs
+
+            print(f"plot: wrote {plot_runs(args.run_dirs, args.output, smooth=args.smooth)}")
             return 0
         if args.command == "prepare":
             from megatron_simpo.data.prepare import PrepareOptions, prepare
@@ -294,5 +335,5 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(cfg, args.output)
     except SimPOError as e:
         print(f"megatron-simpo: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0

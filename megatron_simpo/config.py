@@ -243,6 +243,20 @@ class TrainConfig:
     """How layers are grouped for full recompute."""
     recompute_num_layers: int | None = None
     """Layers per recompute group (full recompute)."""
+    attention_backend: Literal["auto", "sdpa", "local", "te"] = "auto"
+    """Core attention: 'te' (Transformer Engine), 'sdpa' (torch scaled_dot_product_attention,
+    fused kernels, no TE needed), 'local' (Megatron's unfused reference); 'auto' is te when TE
+    is installed and CUDA present, else sdpa."""
+    fused_loss_head: bool = False
+    """Compute the output layer and the vocab-parallel log-probs together, chunk by chunk of
+    tokens (recomputed in backward), never materialising the [tokens x vocab/TP] logits."""
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the fused loss head (peak extra memory ~ chunk x vocab/TP x 4 bytes)."""
+    pack_pairs: bool = False
+    """Pack several pairs per row up to --seq-length, first-fit-decreasing."""
+    prefix_sharing: bool = False
+    """One row per pair: [prompt | chosen | rejected], rejected attends to the prompt, not to
+    chosen."""
     load: str | None = None
     """Checkpoint directory to start from (weights; optimizer and iteration if present)."""
     save: str | None = None
@@ -255,6 +269,12 @@ class TrainConfig:
     """Stop (after saving, if --save) once the run has lasted this long."""
     keep_last: int | None = None
     """Keep only the newest K checkpoints under --save (None keeps all)."""
+    max_skipped_iters: int = 10
+    """Abort after this many consecutive iterations whose loss or gradient norm was not finite
+    (each such update is skipped, counted in ``skipped_iters`` and logged)."""
+    slurm_requeue: bool = False
+    """Under Slurm: after a stop by SIGTERM/SIGUSR1 or --exit-duration-in-mins (checkpoint
+    written), rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` so the job continues later."""
 
 
 @dataclass
@@ -301,6 +321,24 @@ class LoggingConfig:
     """Held-out global batches per evaluation (None: all held-out pairs)."""
     tensorboard_dir: str | None = None
     """TensorBoard event files and metrics.jsonl go here."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one accelerator for MFU (default: detected for A100/H100/H200 in
+    the model dtype; on CPU MFU is reported only when this is set)."""
+    alarm_evals: int = 3
+    """Drift alarm: warn when eval rewards/chosen fell this many evaluations in a row while
+    eval accuracy stayed flat (likelihood displacement)."""
+    alarm_flat_accuracy: float = 0.02
+    """Drift alarm: accuracy counts as flat when it moved less than this over those evals."""
+    alarm_logp_drop: float = 0.5
+    """Drift alarm: warn when the chosen mean log-prob fell by more than this (nats per token)
+    below its first logged value."""
+    gen_interval: int | None = None
+    """Generation probe: every N iterations greedy-decode a few held-out prompts and log the
+    mean generated length and a repetition score (None disables)."""
+    gen_prompts: int = 4
+    """Generation probe: number of fixed held-out prompts."""
+    gen_max_new_tokens: int = 32
+    """Generation probe: longest continuation generated."""
 
 
 @dataclass
@@ -412,6 +450,11 @@ class RunConfig:
                 )
         if p.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if (t.pack_pairs or t.prefix_sharing) and t.attention_backend == "te":
+            # Packed rows need an explicit block mask (megatron_simpo/data/packing.py).
+            raise ConfigError(
+                "--pack-pairs / --prefix-sharing need --attention-backend sdpa (or local on CPU)"
+            )
         if m.rope_scaling is not None:
             kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
             if kind != "llama3":
@@ -443,6 +486,12 @@ class RunConfig:
             raise ConfigError(f"--sft-weight must be >= 0, got {lo.sft_weight}")
         if t.keep_last is not None and t.keep_last < 1:
             raise ConfigError(f"--keep-last must be >= 1, got {t.keep_last}")
+        if not isinstance(t.loss_chunk_size, int) or t.loss_chunk_size < 1:
+            raise ConfigError(
+                f"--loss-chunk-size must be a positive integer, got {t.loss_chunk_size!r}"
+            )
+        if t.max_skipped_iters < 1:
+            raise ConfigError(f"--max-skipped-iters must be >= 1, got {t.max_skipped_iters}")
         if t.save_interval is not None and t.save is None:
             raise ConfigError("--save-interval needs --save DIR")
         d = self.data
@@ -462,6 +511,25 @@ class RunConfig:
             )
         if d.num_workers < 1:
             raise ConfigError(f"--num-workers must be >= 1, got {d.num_workers}")
+        lg = self.logging
+        has_heldout = bool(d.eval_data_path or d.eval_split_ratio)
+        for flag, value in (
+            ("--eval-interval", lg.eval_interval),
+            ("--gen-interval", lg.gen_interval),
+        ):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+            if training and value and not has_heldout:
+                raise ConfigError(
+                    f"{flag} needs held-out pairs: set --eval-data-path FILE or "
+                    "--eval-split-ratio FRACTION"
+                )
+        if lg.gen_prompts < 1 or lg.gen_max_new_tokens < 1:
+            raise ConfigError("--gen-prompts and --gen-max-new-tokens must be >= 1")
+        if lg.peak_tflops is not None and lg.peak_tflops <= 0:
+            raise ConfigError(f"--peak-tflops must be > 0, got {lg.peak_tflops}")
+        if lg.alarm_evals < 1:
+            raise ConfigError(f"--alarm-evals must be >= 1, got {lg.alarm_evals}")
         if not training and not t.load:
             raise ConfigError("--load CKPT is required (the checkpoint to evaluate)")
         if world_size is not None:

@@ -26,6 +26,7 @@ from megatron_simpo import checkpointing, parallel
 from megatron_simpo.config import RunConfig
 from megatron_simpo.data import Pair, collate, pairs_for
 from megatron_simpo.model import build_model
+from megatron_simpo.progress import progress
 from megatron_simpo.step import PAIR_KEYS as PER_PAIR_KEYS
 from megatron_simpo.step import run_forward_backward
 
@@ -34,7 +35,9 @@ def _pad_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def score_pairs(model: list, cfg: RunConfig, pairs: Sequence[Pair]) -> list[dict] | None:
+def score_pairs(
+    model: list, cfg: RunConfig, pairs: Sequence[Pair], show_progress: bool = False
+) -> list[dict] | None:
     """Per-pair SimPO results (forward only; collective). Returns the rows in ``pairs`` order on
     the writing rank (first rank of the last pipeline stage), None on the others."""
     p = cfg.parallel
@@ -46,26 +49,32 @@ def score_pairs(model: list, cfg: RunConfig, pairs: Sequence[Pair]) -> list[dict
     rows: list[dict[str, float]] = []
     for chunk in model:
         chunk.eval()
+    # The interleaved (virtual pipeline) schedule needs at least PP micro-batches per call:
+    # group them (padding the last group with repeats whose results are dropped).
+    group = p.pipeline_model_parallel_size if len(model) > 1 else 1
     with torch.no_grad():
-        for i in range(lo, hi, mbs):
-            chunk_pairs = [pairs[j] for j in range(i, min(i + mbs, hi))]
-            longest = (
-                max(
-                    len(x.prompt_ids) + max(len(x.chosen_ids), len(x.rejected_ids))
-                    for x in chunk_pairs
-                )
-                - 1
+        starts = list(range(lo, hi, mbs))
+        groups = [starts[g : g + group] for g in range(0, len(starts), group)]
+        show = show_progress and dist.get_rank() == 0
+        for firsts in progress(groups, "evaluate", unit="micro-batches", enabled=show):
+            chunks = [[pairs[j] for j in range(i, min(i + mbs, hi))] for i in firsts]
+            longest = max(
+                len(x.prompt_ids) + max(len(x.chosen_ids), len(x.rejected_ids))
+                for c in chunks
+                for x in c
             )
-            seq_len = _pad_to(longest, pad)
+            seq_len = _pad_to(longest - 1, pad)
+            batches = [collate(c, seq_len) for c in chunks]
+            batches += [batches[-1]] * (group - len(batches))
             reports = run_forward_backward(
                 model,
-                [collate(chunk_pairs, seq_len)],
+                batches,
                 seq_len,
                 cfg.loss,
                 cfg.model.vocab_size,
                 forward_only=True,
             )
-            for r in reports:
+            for r in reports[: len(chunks)]:
                 pp_ = r["per_pair"]
                 rows += [
                     {k: float(pp_[k][j]) for k in PER_PAIR_KEYS}
@@ -98,7 +107,7 @@ def evaluate(cfg: RunConfig, output: str | None = None) -> dict | None:
     pairs = pairs_for(cfg, cfg.data.data_path)
     model = build_model(cfg)
     checkpointing.load_checkpoint(cfg.train.load, model)
-    rows = score_pairs(model, cfg, pairs)
+    rows = score_pairs(model, cfg, pairs, show_progress=True)
     result = None
     if rows is not None:
         for row, src in zip(rows, pairs.source_rows()):

@@ -6,9 +6,16 @@ Names follow TRL's CPO/SimPO trainer so curves compare: ``loss``, ``rewards/chos
 ``logps/rejected`` (mean log-prob per response token). Also: ``length/chosen``,
 ``length/rejected`` (mean response tokens), ``lr``, ``grad_norm``, ``pairs`` (pairs in the
 iteration), ``tokens`` (non-padding tokens; chosen and rejected each counted with their prompt),
-``iteration_time`` (s), ``tokens_per_sec``, ``pairs_per_sec``, ``consumed_pairs``; with a held-out
-set, every ``--eval-interval``: the same SimPO metrics with an ``eval/`` prefix and
-``eval/num_pairs``.
+``iteration_time`` (s), ``tokens_per_sec``, ``pairs_per_sec``, ``consumed_pairs``,
+``length/chosen_min``, ``length/chosen_max``, ``length/rejected_min``, ``length/rejected_max``
+(over the global batch), ``skipped_iters`` (updates skipped so far for a non-finite loss or
+gradient), ``update_ok`` (1, or 0 for a skipped update), ``memory/peak_gib`` (worst rank: peak
+allocated CUDA memory on GPU, peak RSS on CPU), ``model_flops`` (of the iteration, see
+``flops.py``), ``tflops_per_gpu`` and ``mfu`` (when the peak is known: ``--peak-tflops`` or a
+detected A100/H100/H200). With a held-out set, every ``--eval-interval``: the same SimPO metrics
+with an ``eval/`` prefix and ``eval/num_pairs``; every ``--gen-interval``: the generation
+probe's ``gen/`` metrics (texts go to TensorBoard text ``gen/texts``). Drift alarms go to the log
+and to TensorBoard text ``alarms``; the config is TensorBoard text ``config``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,12 @@ class MetricsWriter:
                     self.tb.add_scalar(k, v, iteration)
             self.tb.flush()
 
+    def text(self, tag: str, text: str, iteration: int) -> None:
+        """A TensorBoard text entry (alarms, generated texts)."""
+        if self.tb is not None:
+            self.tb.add_text(tag, text, iteration)
+            self.tb.flush()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -61,9 +74,24 @@ def console_line(iteration: int, total: int, m: dict[str, float], start_time: fl
         f"iter {iteration}/{total} | loss {m['loss']:.4f} | acc {m['rewards/accuracies']:.3f} | "
         f"margin {m['rewards/margins']:.4f} | logps c/r {m['logps/chosen']:.3f}/"
         f"{m['logps/rejected']:.3f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
-        f"{m['tokens_per_sec']:.0f} tok/s | {m['iteration_time']:.2f} s/it | "
-        f"elapsed {elapsed:.0f}s eta {eta:.0f}s"
+        f"{m['tokens_per_sec']:.0f} tok/s | "
+        + (f"MFU {m['mfu']:.1%} | " if "mfu" in m else f"{_flops(m['tflops_per_gpu'])} | ")
+        + f"{m['iteration_time']:.2f} s/it | "
+        + (f"skipped {m['skipped_iters']:.0f} | " if m.get("skipped_iters") else "")
+        + f"elapsed {_hms(elapsed)} eta {_hms(eta)}"
     )
+
+
+def _flops(tflops: float) -> str:
+    """Achieved model FLOP/s per device, in the unit that reads well (GFLOP/s on a CPU)."""
+    return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.2f} GFLOP/s"
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}:{seconds % 60:02d}"
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def eval_line(iteration: int, m: dict[str, float]) -> str:

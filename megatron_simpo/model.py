@@ -5,6 +5,10 @@ SimPO needs no new layer: the model is Megatron-Core's ``GPTModel`` with its own
 over the tensor/pipeline groups that :mod:`megatron_simpo.parallel` created, and wrapped in
 Megatron-Core's DDP. The only local addition is an RMSNorm that declares its weight
 sequence-parallel, which the local spec's torch norm does not (TE/apex norms do).
+
+Without TE the local spec's core attention is SDPA by default (``--attention-backend``,
+:mod:`megatron_simpo.attention`); ``--fused-loss-head`` makes the last stage return hidden states
+for the chunked loss head (:mod:`megatron_simpo.fused_logprobs`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from megatron_simpo.attention import SDPAttention, resolve_attention_backend
 from megatron_simpo.config import RunConfig
+from megatron_simpo.fused_logprobs import HiddenStatesGPTModel
 
 # Megatron-Core's RotaryEmbedding applies Llama-3 scaling with these fixed constants; other values
 # would silently differ from the Hugging Face model, so they are refused.
@@ -113,9 +119,12 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
     )
 
 
-def _layer_spec(use_te: bool) -> tuple[ModuleSpec, type | None]:
-    """The per-layer spec and the final-norm module (None: let Megatron pick)."""
-    if use_te:
+def _layer_spec(backend: str) -> tuple[ModuleSpec, type | None]:
+    """The per-layer spec and the final-norm module (None: let Megatron pick).
+
+    ``backend`` is a resolved ``--attention-backend``: ``te``, ``sdpa`` or ``local``.
+    """
+    if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
@@ -124,6 +133,8 @@ def _layer_spec(use_te: bool) -> tuple[ModuleSpec, type | None]:
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.input_layernorm = SequenceParallelRMSNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if backend == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec, SequenceParallelRMSNorm
 
 
@@ -161,10 +172,20 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
 
     Must run after :func:`megatron_simpo.parallel.initialize`.
     """
-    if use_te is None:
-        use_te = have_transformer_engine() and torch.cuda.is_available()
+    # Packed / prefix-shared rows need an explicit attention mask, which the SDPA spec takes:
+    # 'auto' then means sdpa even where Transformer Engine is installed.
+    masked = cfg.train.pack_pairs or cfg.train.prefix_sharing
+    backend = resolve_attention_backend(
+        cfg.train.attention_backend,
+        have_transformer_engine() and torch.cuda.is_available() and not masked,
+    )
+    if use_te is not None:  # callers that only need the weights (export) may force a spec
+        backend = "te" if use_te else ("local" if backend == "te" else backend)
     tconf = transformer_config(cfg)
-    layer_spec, final_norm = _layer_spec(use_te)
+    layer_spec, final_norm = _layer_spec(backend)
+    # With the fused loss head the last stage returns final hidden states; the loss function
+    # applies the output layer's weight chunk by chunk (megatron_simpo/fused_logprobs.py).
+    model_cls = HiddenStatesGPTModel if cfg.train.fused_loss_head else GPTModel
     inv_freq = rope_inv_freq(cfg)
     vpp = tconf.virtual_pipeline_model_parallel_size
     chunks = []
@@ -179,7 +200,7 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
                     layer_specs=[layer_spec] * n, layer_norm=final_norm
                 ),
             )
-        model = GPTModel(
+        model = model_cls(
             config=tconf,
             transformer_layer_spec=spec,
             vocab_size=cfg.model.padded_vocab_size(),
@@ -194,6 +215,8 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
         )
         rotary = model.rotary_pos_emb
         rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
+        if cfg.train.fused_loss_head:
+            model.loss_chunk_size = cfg.train.loss_chunk_size
         chunks.append(model)
     return chunks
 

@@ -9,6 +9,7 @@ the gradient is that of the mean loss over the *global* batch, whatever the layo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from functools import partial
 
@@ -18,8 +19,16 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_simpo.config import LossConfig
+from megatron_simpo.data.packing import (
+    attention_mask_from,
+    check_attention_supports_mask,
+    packed_sequence_logps,
+    per_sequence_rope,
+)
+from megatron_simpo.fused_logprobs import HiddenStatesGPTModel
 from megatron_simpo.logprobs import vocab_parallel_logprobs
 from megatron_simpo.loss import sequence_logps, simpo_loss
+from megatron_simpo.model import unwrap
 
 #: Per-pair SimPO metrics (TRL's names), in ``pair_metrics`` and ``evaluate``'s ``per_pair``.
 PAIR_KEYS = (
@@ -38,8 +47,15 @@ REPORT_KEYS = (*PAIR_KEYS, "length/chosen", "length/rejected", "pairs", "tokens"
 def pair_metrics(
     loss_cfg: LossConfig, token_logps: torch.Tensor, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SimPO per-pair losses and metrics of a micro-batch from target log-probs ``[2b, s]``."""
-    _, mean, _ = sequence_logps(token_logps, batch["loss_mask"])
+    """SimPO per-pair losses and metrics of a micro-batch from target log-probs ``[rows, s]``
+    (padded: ``2b`` rows, chosen first; packed: ``seq_index`` maps targets to sequences)."""
+    if "seq_index" in batch:  # --pack-pairs / --prefix-sharing (megatron_simpo/data/packing.py)
+        num_seqs = 2 * batch["weights"].shape[0]
+        _, mean, _ = packed_sequence_logps(
+            token_logps, batch["loss_mask"], batch["seq_index"], num_seqs
+        )
+    else:
+        _, mean, _ = sequence_logps(token_logps, batch["loss_mask"])
     b = mean.shape[0] // 2
     ratio = loss_cfg.gamma_beta_ratio
     if loss_cfg.simpo_gamma is None and ratio is None:
@@ -68,14 +84,21 @@ def pair_metrics(
 
 
 def _loss_func(
-    loss_cfg: LossConfig, vocab_size: int, batch: dict[str, torch.Tensor], output: torch.Tensor
+    loss_cfg: LossConfig,
+    vocab_size: int,
+    batch: dict[str, torch.Tensor],
+    output: torch.Tensor,
+    head: HiddenStatesGPTModel | None = None,
 ):
-    token_logps = vocab_parallel_logprobs(
-        output,
-        batch["labels"],
-        vocab_size=vocab_size,
-        group=ps.get_tensor_model_parallel_group(),
-    )
+    if head is not None:  # --fused-loss-head: output is the final hidden states [s, b, h]
+        token_logps = head.token_logprobs(output, batch["labels"], vocab_size)
+    else:  # output is this rank's logits [b, s, vocab/TP]
+        token_logps = vocab_parallel_logprobs(
+            output,
+            batch["labels"],
+            vocab_size=vocab_size,
+            group=ps.get_tensor_model_parallel_group(),
+        )
     losses, per_pair = pair_metrics(loss_cfg, token_logps, batch)
     b = losses.shape[0]
     lengths, seq_tokens = batch["lengths"].float(), batch["seq_tokens"].float()
@@ -98,10 +121,22 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
         else torch.device("cpu")
     )
 
+    checked: set[int] = set()
+
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-        output = model(batch["tokens"], batch["position_ids"], None)
-        return output, partial(_loss_func, loss_cfg, vocab_size, batch)
+        if "segment_ids" in batch:  # packed rows: block-diagonal mask, per-sequence RoPE
+            if id(model) not in checked:
+                check_attention_supports_mask(model)
+                checked.add(id(model))
+            mask = attention_mask_from(batch["segment_ids"], batch["branch_ids"])
+            with per_sequence_rope(model, batch["position_ids"]):
+                output = model(batch["tokens"], batch["position_ids"], mask)
+        else:
+            output = model(batch["tokens"], batch["position_ids"], None)
+        core = unwrap(model)
+        head = core if isinstance(core, HiddenStatesGPTModel) else None
+        return output, partial(_loss_func, loss_cfg, vocab_size, batch, head=head)
 
     return forward_step
 
@@ -167,12 +202,36 @@ def train_step(
     reports = run_forward_backward(model, micro_batches, seq_len, loss_cfg, vocab_size)
     if after_backward is not None:
         after_backward()
-    update_ok, grad_norm, _ = optimizer.step()
-    lr = optimizer.param_groups[0]["lr"]
-    if update_ok:
-        scheduler.step(increment=1)
     metrics = reduce_reports(reports)
+    lr = optimizer.param_groups[0]["lr"]
+    update_ok, grad_norm = False, None
+    # A non-finite loss or gradient must never reach the weights (or Adam's moments): skip the
+    # update. Megatron-Core's own check covers only fp16 loss scaling.
+    if math.isfinite(metrics["loss"]) and grads_are_finite(model):
+        update_ok, grad_norm, _ = optimizer.step()
+        if update_ok:
+            scheduler.step(increment=1)
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["lr"] = lr
     metrics["update_ok"] = float(bool(update_ok))
     return metrics
+
+
+def grads_are_finite(model: list) -> bool:
+    """Whether every rank's gradient buffers are free of inf/NaN (collective over the world:
+    each rank holds other shards). Reads the DDP grad buffers, one pass over the gradients."""
+    ok = True
+    for chunk in model:
+        buffers = [*getattr(chunk, "buffers", []), *getattr(chunk, "expert_parallel_buffers", [])]
+        if buffers:
+            grads = [b.grad_data for b in buffers]
+        else:
+            grads = [
+                g for p in chunk.parameters() if (g := getattr(p, "main_grad", None)) is not None
+            ]
+        ok = ok and all(bool(torch.isfinite(g).all()) for g in grads)
+    flag = torch.tensor([0.0 if ok else 1.0])
+    if torch.cuda.is_available():
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not bool(flag.item())

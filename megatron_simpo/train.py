@@ -11,7 +11,10 @@ Run (CPU, gloo; the same command runs on CUDA/NCCL)::
 
 from __future__ import annotations
 
+import os
+import resource
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -23,9 +26,11 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_simpo import checkpointing, parallel
+from megatron_simpo import checkpointing, flops, parallel
+from megatron_simpo.alarms import DriftMonitor
 from megatron_simpo.config import RunConfig
 from megatron_simpo.data import PairBatcher, Subset, pairs_for, split_heldout
+from megatron_simpo.errors import TrainingError
 from megatron_simpo.metrics import MetricsWriter, console_line, eval_line
 from megatron_simpo.model import build_model, model_dtype, wrap_ddp
 from megatron_simpo.step import train_step
@@ -76,6 +81,14 @@ def build_optimizer(cfg: RunConfig, model: list):
     return optimizer, scheduler
 
 
+def peak_memory_gib() -> float:
+    """Peak memory of this process so far: allocated CUDA memory on GPU (what the model, optimizer
+    and activations hold), the peak resident set size (RSS) on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 class Trainer:
     """Owns the model chunks, optimizer, data and the loop; one per parallel layout."""
 
@@ -83,6 +96,12 @@ class Trainer:
         self.cfg = cfg
         self.iteration = 0
         self.consumed_pairs = 0
+        self.skipped_iters = 0  # updates skipped for a non-finite loss or gradient, in total
+        self.peak_tflops = cfg.logging.peak_tflops or flops.detect_peak_tflops(model_dtype(cfg))
+        # From the start: a stop signal during setup (data, model, checkpoint load) is honoured
+        # after the first iteration instead of killing the process.
+        self._install_signal_handlers()
+        self._skipped_in_a_row = 0
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -105,6 +124,9 @@ class Trainer:
             seed=cfg.train.seed,
             pad_multiple=p.tensor_model_parallel_size if p.sequence_parallel else 1,
             uniform_length=p.pipeline_model_parallel_size > 1,
+            pack_pairs=cfg.train.pack_pairs,
+            prefix_sharing=cfg.train.prefix_sharing,
+            capacity=cfg.train.seq_length,
         )
         chunks = build_model(cfg)
         self.model = wrap_ddp(chunks, cfg)
@@ -139,6 +161,28 @@ class Trainer:
         )
         self.iteration += 1
         self.consumed_pairs += self.cfg.train.global_batch_size
+        if metrics["update_ok"]:
+            self._skipped_in_a_row = 0
+        else:
+            self.skipped_iters += 1
+            self._skipped_in_a_row += 1
+            if dist.get_rank() == 0:
+                print(
+                    f"iteration {self.iteration}: update skipped, non-finite loss or gradients "
+                    f"(loss {metrics['loss']:.4g}; {self._skipped_in_a_row} in a row, "
+                    f"{self.skipped_iters} in total)",
+                    flush=True,
+                )
+            limit = self.cfg.train.max_skipped_iters
+            if self._skipped_in_a_row >= limit:
+                raise TrainingError(
+                    f"{limit} consecutive iterations (up to {self.iteration}) had a non-finite "
+                    "loss or gradient norm, so their updates were skipped (--max-skipped-iters "
+                    f"{limit}). The weights are still those of iteration "
+                    f"{self.iteration - limit}; lower --lr, check the data of these "
+                    "iterations, or resume from the last checkpoint"
+                )
+        metrics["skipped_iters"] = float(self.skipped_iters)
         dt = time.perf_counter() - start
         metrics.update(
             iteration_time=dt,
@@ -146,7 +190,45 @@ class Trainer:
             pairs_per_sec=metrics["pairs"] / dt,
             consumed_pairs=float(self.consumed_pairs),
         )
+        metrics.update(self._throughput_and_memory(micro_batches, dt))
         return metrics
+
+    def _throughput_and_memory(self, micro_batches: list[dict], seconds: float) -> dict:
+        """Min/max response lengths, peak memory (worst rank), model TFLOP/s per device and MFU
+        (see ``flops.py``; useful work only: each sequence's real tokens, no padding)."""
+        lengths = torch.cat([mb["lengths"].view(2, -1) for mb in micro_batches], dim=1).float()
+        seq_lens = torch.cat([mb["seq_tokens"] for mb in micro_batches]).tolist()
+        local_flops = flops.training_flops(self.cfg.model, [n for n in seq_lens if n > 0])
+        # Padding rows (lengths 0) never hold a pair, but guard the min anyway.
+        real = lengths > 0
+        big = torch.tensor(float("inf"))
+        extremes = torch.stack(
+            [
+                lengths[0].max(),
+                lengths[1].max(),
+                -torch.where(real[0], lengths[0], big).min(),
+                -torch.where(real[1], lengths[1], big).min(),
+                torch.tensor(peak_memory_gib()),
+            ]
+        ).double()
+        total = torch.tensor([float(local_flops)], dtype=torch.float64)
+        if torch.cuda.is_available():
+            extremes, total = extremes.cuda(), total.cuda()
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        e = extremes.tolist()
+        out = {
+            "length/chosen_max": e[0],
+            "length/rejected_max": e[1],
+            "length/chosen_min": -e[2],
+            "length/rejected_min": -e[3],
+            "memory/peak_gib": e[4],
+            "model_flops": total.item(),
+            "tflops_per_gpu": flops.tflops_per_gpu(total.item(), seconds, dist.get_world_size()),
+        }
+        if self.peak_tflops:
+            out["mfu"] = out["tflops_per_gpu"] / self.peak_tflops
+        return out
 
     def evaluate_heldout(self) -> dict[str, float]:
         """SimPO metrics on the held-out pairs (``eval/`` prefix), on the logging rank (empty
@@ -159,6 +241,23 @@ class Trainer:
             pairs = Subset(pairs, list(range(n)))
         rows = score_pairs(self.model, self.cfg, pairs)
         return {f"eval/{k}": v for k, v in summarize(rows).items()} if rows else {}
+
+    def generation_probe(self) -> tuple[dict[str, float], list[str]]:
+        """Greedy continuations of the first ``--gen-prompts`` held-out prompts by the policy
+        (collective): the ``gen/`` metrics and the texts."""
+        from megatron_simpo import generate
+
+        if not hasattr(self, "_probe"):
+            lg = self.cfg.logging
+            prompts = generate.probe_prompts(self.eval_pairs, lg.gen_prompts)
+            tokenizer = generate.load_probe_tokenizer(self.cfg, self.eval_pairs)
+            eos = generate.resolve_eos_id(self.cfg, tokenizer, self.eval_pairs)
+            self._probe = (prompts, tokenizer, eos)
+        prompts, tokenizer, eos = self._probe
+        out = generate.greedy_generate(
+            self.model, self.cfg, prompts, self.cfg.logging.gen_max_new_tokens, eos
+        )
+        return generate.probe_metrics(out, eos), generate.decode_texts(out, tokenizer, eos)
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM / SIGUSR1 (Slurm before a time limit or preemption): finish the iteration,
@@ -211,12 +310,13 @@ class Trainer:
         t = cfg.train
         log_rank = is_logging_rank()
         writer = MetricsWriter(cfg.logging.tensorboard_dir if log_rank else None, cfg.to_dict())
+        drift = DriftMonitor.from_config(cfg.logging)
         history = []
         start = time.time()
         saved_at = self.iteration
-        self._install_signal_handlers()
         try:
             while self.iteration < t.train_iters:
+                self._phase = f"in iteration {self.iteration + 1}"
                 metrics = self.step()
                 history.append(metrics)
                 it = self.iteration
@@ -225,11 +325,23 @@ class Trainer:
                     metrics.update(self.evaluate_heldout())
                     if log_rank:
                         print(eval_line(it, metrics), flush=True)
-                if it % cfg.logging.log_interval == 0 or it == t.train_iters:
+                gi = cfg.logging.gen_interval
+                if gi and self.eval_pairs is not None and (it % gi == 0 or it == t.train_iters):
+                    gen, texts = self.generation_probe()
+                    metrics.update(gen)
                     if log_rank:
-                        writer.write(it, metrics)
-                        print(console_line(it, t.train_iters, metrics, start), flush=True)
+                        writer.text("gen/texts", _markdown_texts(texts), it)
+                        print(_gen_line(it, gen, texts), flush=True)
+                logged = it % cfg.logging.log_interval == 0 or it == t.train_iters
+                if logged and log_rank:
+                    writer.write(it, metrics)
+                    print(console_line(it, t.train_iters, metrics, start), flush=True)
+                if log_rank and (logged or any(k.startswith("eval/") for k in metrics)):
+                    for warning in drift.update(it, metrics):
+                        print(f"WARNING: {warning}", flush=True)
+                        writer.text("alarms", warning, it)
                 if t.save and t.save_interval and it % t.save_interval == 0:
+                    self._phase = f"while saving the checkpoint of iteration {it}"
                     self.save()
                     saved_at = it
                 if t.exit_interval and it % t.exit_interval == 0:
@@ -239,10 +351,77 @@ class Trainer:
                         print(f"stopping at iteration {it}: {self._stop_reason}", flush=True)
                     break
             if t.save and saved_at != self.iteration:
+                self._phase = f"while saving the checkpoint of iteration {self.iteration}"
                 self.save()
+                saved_at = self.iteration
+        except (dist.DistBackendError, dist.DistError, RuntimeError) as e:
+            if isinstance(e, TrainingError) or not _is_communication_failure(e):
+                raise
+            raise TrainingError(
+                f"rank {dist.get_rank()}: a collective failed {self._phase} "
+                f"after {time.time() - start:.0f} s ({type(e).__name__}: {str(e)[:300]}). "
+                "Another rank probably died or stalled: see the first failure in its log. "
+                + (
+                    f"The checkpoint of iteration {saved_at} under --save {t.save} is intact; "
+                    "rerun the same command to resume."
+                    if t.save and saved_at
+                    else "No checkpoint was written by this run."
+                )
+            ) from e
         finally:
             writer.close()
         return history
+
+    @property
+    def requeue_wanted(self) -> bool:
+        """Stopped by a signal or the time limit with ``--slurm-requeue``: the job should go
+        back to the queue (done by :func:`run` once everything is torn down)."""
+        stopped = (
+            self._stop_reason.startswith("stop signal") or "exit-duration" in self._stop_reason
+        )
+        return self.cfg.train.slurm_requeue and stopped
+
+    def requeue(self) -> None:
+        """``scontrol requeue $SLURM_JOB_ID`` from rank 0, once the stop checkpoint is written."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if dist.get_rank() != 0:
+            return
+        if not job:
+            print("--slurm-requeue: no SLURM_JOB_ID (not under Slurm); not requeued", flush=True)
+            return
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if done.returncode == 0:
+            print(
+                f"requeued Slurm job {job}: it resumes from --save when it starts again", flush=True
+            )
+        else:
+            print(
+                f"--slurm-requeue: scontrol requeue {job} failed: {done.stderr.strip()}", flush=True
+            )
+
+
+def _gen_line(iteration: int, m: dict[str, float], texts: list[str]) -> str:
+    first = texts[0][:120].replace("\n", " ") if texts else ""
+    return (
+        f"gen @ iter {iteration} | mean length {m['gen/mean_length']:.1f} | "
+        f"repetition {m['gen/repetition']:.3f} | eos {m['gen/eos_fraction']:.2f} | {first!r}"
+    )
+
+
+def _markdown_texts(texts: list[str]) -> str:
+    return "\n\n".join(f"**{i}.** {t}" for i, t in enumerate(texts, 1))
+
+
+def _is_communication_failure(e: BaseException) -> bool:
+    """Whether an exception raised inside a step is a failed collective (a dead or stalled
+    peer) rather than a bug: torch's distributed error types, or gloo/NCCL's messages."""
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e).lower()
+    return any(
+        s in text
+        for s in ("connection closed by peer", "connection reset", "timed out", "timeout", "nccl")
+    )
 
 
 def run(cfg: RunConfig) -> list[dict[str, float]]:
@@ -252,4 +431,9 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
     trainer.setup()
     history = trainer.train()
     parallel.destroy_model_parallel()
+    if trainer.requeue_wanted:
+        # Last: `scontrol requeue` cancels the job step at once, so everything is saved and
+        # torn down first.
+        dist.barrier()
+        trainer.requeue()
     return history

@@ -86,3 +86,18 @@ LLAMA3_ROPE = {
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The --tensorboard-dir of one 3-iteration run of the tiny model with held-out evaluation
+    and the generation probe at iterations 2 and 3 (shared by the monitoring tests)."""
+    tb = tmp_path_factory.mktemp("tiny_run") / "tb"
+    args = ["-m", "megatron_simpo", "train", "--config", "examples/tiny_pretok.yaml"]
+    args += ["--train-iters", "3", "--eval-split-ratio", "0.1", "--eval-interval", "2"]
+    args += ["--eval-iters", "1", "--gen-interval", "2", "--gen-prompts", "2"]
+    args += ["--gen-max-new-tokens", "4", "--tensorboard-dir", str(tb)]
+    res = torchrun(1, args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "gen @ iter 2" in res.stdout and "eval @ iter 2" in res.stdout, res.stdout[-2000:]
+    return tb

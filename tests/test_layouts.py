@@ -64,6 +64,7 @@ def test_layout_matches_single_process(matrix, name):
     r = matrix[name]
     assert r["steps"] == 3
     assert r["loss"] <= LOSS_ATOL
+    assert r["eval_loss"] <= LOSS_ATOL  # forward-only scoring of 12 pairs, same weights
     assert r["metrics"] <= METRIC_ATOL
     assert r["grad_norm"] <= GRAD_NORM_RTOL
     if "distopt" not in name:

@@ -28,6 +28,7 @@ from megatron_simpo.config import ModelConfig, RunConfig
 from megatron_simpo.convert import keymap
 from megatron_simpo.convert.hf import HF_SIDE_FILES
 from megatron_simpo.errors import CheckpointError, ConfigError
+from megatron_simpo.progress import progress
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -252,7 +253,7 @@ def mcore_to_hf(
     reader = _Reader(ckpt)
     writer = _ShardWriter(out, limit)
     stored_dtype = None
-    for name, t in _hf_tensors(reader, model_cfg, keys):
+    for name, t in progress(_hf_tensors(reader, model_cfg, keys), "convert", unit="tensors"):
         stored_dtype = stored_dtype or t.dtype
         writer.add(name, t.to(target) if target is not None else t)
     writer.close()

@@ -20,6 +20,7 @@ import torch
 from megatron_simpo.config import ModelConfig, RunConfig
 from megatron_simpo.convert import keymap
 from megatron_simpo.errors import ConfigError
+from megatron_simpo.progress import Progress
 
 #: Files copied next to the checkpoint so that evaluation/export find the tokenizer.
 HF_SIDE_FILES = (
@@ -227,7 +228,9 @@ def hf_to_mcore(
 
     tmp = save / "iter_0000000.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # "assuming ... a single process": intended
+    bar = Progress("convert: writing", total=len(items), unit="tensors")
+    items = {k: (*v[:3], bar.wrap(v[3])) for k, v in items.items()}  # counts each tensor made
+    with warnings.catch_warnings(), bar:  # "assuming ... a single process": intended
         warnings.simplefilter("ignore")
         dcp.save(
             {},

@@ -6,6 +6,8 @@ data-parallel rank ``d`` of ``D`` takes the ``d``-th contiguous ``G/D`` slice an
 micro-batches. Each micro-batch holds whole pairs: chosen rows first, then rejected rows, padded on
 the right to its longest sequence (to the longest of the rank's slice under pipeline parallelism,
 whose stages exchange fixed shapes), rounded up to the TP size under sequence parallelism.
+With ``--pack-pairs`` / ``--prefix-sharing`` a micro-batch holds the same pairs in packed rows
+instead (``megatron_simpo/data/packing.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from megatron_simpo.data.packing import collate_packed, pack_rows, row_width
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,9 @@ class PairBatcher:
         seed: int,
         pad_multiple: int = 1,
         uniform_length: bool = False,
+        pack_pairs: bool = False,
+        prefix_sharing: bool = False,
+        capacity: int | None = None,
     ) -> None:
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError("global batch must be divisible by micro batch x data-parallel size")
@@ -112,6 +119,12 @@ class PairBatcher:
         self.seed = seed
         self.pad_multiple = pad_multiple
         self.uniform_length = uniform_length
+        # Packed rows (megatron_simpo/data/packing.py); capacity: --seq-length.
+        self.pack_pairs = pack_pairs
+        self.prefix_sharing = prefix_sharing
+        self.capacity = capacity
+        if pack_pairs and not capacity:
+            raise ValueError("--pack-pairs needs the row capacity (--seq-length)")
 
     @property
     def num_microbatches(self) -> int:
@@ -136,8 +149,30 @@ class PairBatcher:
         mine = [self.pairs[i] for i in idx[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]]
         mbs = self.micro_batch_size
         groups = [mine[i : i + mbs] for i in range(0, per_rank, mbs)]
+        if self.pack_pairs or self.prefix_sharing:
+            return self._packed(groups)
         if self.uniform_length:
             seq_len = self.seq_len(mine)
             return [collate(g, seq_len) for g in groups], seq_len
         lengths = [self.seq_len(g) for g in groups]
         return [collate(g, n) for g, n in zip(groups, lengths)], max(lengths)
+
+    def _packed(self, groups: list[list[Pair]]) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """Packed micro-batches (``--pack-pairs`` / ``--prefix-sharing``): same pairs per
+        micro-batch as the padded layout, in fewer, fuller rows. Under ``uniform_length`` every
+        micro-batch gets the same row count and width (extra rows are all padding)."""
+        kw = dict(
+            capacity=self.capacity or 0,
+            prefix_sharing=self.prefix_sharing,
+            pack=self.pack_pairs,
+            pad_multiple=self.pad_multiple,
+        )
+        width = num_rows = None
+        if self.uniform_length:
+            rows = [
+                pack_rows(g, kw["capacity"], prefix_sharing=kw["prefix_sharing"], pack=kw["pack"])
+                for g in groups
+            ]
+            width, num_rows = max(map(row_width, rows)), max(map(len, rows))
+        batches = [collate_packed(g, width=width, num_rows=num_rows, **kw) for g in groups]
+        return batches, max(mb["tokens"].shape[1] for mb in batches)

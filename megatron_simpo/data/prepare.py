@@ -42,6 +42,7 @@ from megatron_simpo.data.tokenize import (
     truncate,
 )
 from megatron_simpo.errors import DataError
+from megatron_simpo.progress import progress
 
 PREPARE_VERSION = 1
 MARKER = "prepared.json"
@@ -208,7 +209,9 @@ def prepare(
     if tokenizer:
         load_tokenizer(tokenizer)  # fail early on a bad --tokenizer
     wheres, raws, reasons, messages = [], [], [], []
-    for where, row in iter_rows(data_path, split):
+    reading = f"prepare: reading {Path(data_path).name}"
+    rows = progress(iter_rows(data_path, split), reading, unit="rows", enabled=not quiet)
+    for where, row in rows:
         wheres.append(where)
         if isinstance(row, tuple):
             raws.append("")

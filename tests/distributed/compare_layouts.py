@@ -61,6 +61,9 @@ def main() -> None:
         result[name] = {
             "steps": len(hb),
             "loss": max(abs(x["loss"] - y["loss"]) for x, y in zip(ha, hb)),
+            "eval_loss": max(abs(x - y) for x, y in zip(a["eval_losses"], b["eval_losses"]))
+            if len(a["eval_losses"]) == len(b["eval_losses"])
+            else float("inf"),
             "metrics": max(abs(x[k] - y[k]) for x, y in zip(ha, hb) for k in METRICS),
             "grad_norm": max(
                 abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] for x, y in zip(ha, hb)

@@ -30,6 +30,8 @@ import torch.distributed as dist  # noqa: E402
 
 from megatron_simpo import checkpointing  # noqa: E402
 from megatron_simpo.config import RunConfig  # noqa: E402
+from megatron_simpo.data import Subset  # noqa: E402
+from megatron_simpo.evaluate import score_pairs  # noqa: E402
 from megatron_simpo.step import reduce_reports, run_forward_backward  # noqa: E402
 from megatron_simpo.train import Trainer  # noqa: E402
 
@@ -78,6 +80,11 @@ def run_layout(name: str, out: Path, data: str) -> None:
     if ref is None:
         checkpointing.save_checkpoint(out / name / "init", 0, trainer.model)
     distopt = cfg.parallel.use_distributed_optimizer
+    # Forward-only scoring (``evaluate`` / held-out eval) from the same initial weights.
+    rows = score_pairs(trainer.model, cfg, Subset(trainer.batcher.pairs, list(range(12))))
+    scored: list = [None] * dist.get_world_size()
+    dist.all_gather_object(scored, rows)
+    eval_rows = next(r for r in scored if r is not None)
 
     checks: dict[str, float] = {}
 
@@ -99,6 +106,7 @@ def run_layout(name: str, out: Path, data: str) -> None:
             json.dumps(
                 {
                     "history": history,
+                    "eval_losses": [r["loss"] for r in eval_rows],
                     "step_times": step_times,
                     "grads_saved": not distopt,
                     **checks,

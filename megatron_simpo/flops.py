@@ -1,0 +1,111 @@
+"""Model FLOPs of a SimPO iteration, achieved TFLOP/s and MFU (Megatron-style accounting).
+
+The model is a decoder-only Llama-architecture transformer; only matrix multiplications are
+counted (norms, RoPE, SiLU, softmax, the loss and the embedding lookup are a rounding error and
+are left out, as in Megatron-LM's ``num_floating_point_operations``). A multiply-add is 2 FLOPs.
+
+For one sequence of ``s`` tokens, with hidden size ``h``, ``L`` layers, ``a`` query heads and
+``g`` key/value heads of width ``d``, SwiGLU width ``f`` and padded vocabulary ``V``::
+
+    matmul params per layer  P = h*a*d (query) + 2*h*g*d (key, value) + a*d*h (output)
+                                 + 3*h*f (gate, up, down)
+    forward                  F = 2*s*(L*P + h*V)            (2 * params * tokens)
+                               + L * 2 * (2 * s^2 * a*d)    (scores Q K^T and context A V)
+    training                 3 * F                          (forward + backward = 2x forward)
+
+The attention terms count the **full** ``s x s`` square, as Megatron-LM's formula does and as the
+unfused (local-spec) attention computes it; a causal flash kernel does about half of that work,
+so pass ``causal=True`` for that accounting. QKV biases (Qwen2) are additions and are not
+counted. SimPO has no reference model, so there is no extra forward pass. Activation
+recomputation re-runs forwards but does not change *model* FLOPs (MFU counts useful work only).
+
+Attention cost grows with each sequence's own length, so the iteration's FLOPs are the sum of
+the per-sequence costs: pass the token count of every sequence of the iteration (chosen and
+rejected rows each count, with their prompt) without padding: padding is computed but is not
+useful work, so MFU excludes it like it excludes recomputation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from megatron_simpo.config import ModelConfig
+
+#: Dense (no sparsity) peak TFLOP/s per accelerator, matched against
+#: ``torch.cuda.get_device_name()`` in order (first match wins). fp32 means plain fp32 matmuls
+#: (torch's default precision "highest", no TF32). Vendor data sheets.
+PEAK_TFLOPS: list[tuple[tuple[str, ...], dict[str, float]]] = [
+    (("H200", "GH200"), {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    (("H100 PCIE",), {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    (("H100 NVL",), {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    (("H100", "H800"), {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # SXM
+    (("A100", "A800"), {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+]
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def matmul_params(model: ModelConfig) -> int:
+    """Parameters that take part in matrix multiplications (biases and norms excluded):
+    every layer's attention and MLP projections plus the output layer (``hidden x padded
+    vocab``, counted once even when tied to the input embedding, whose lookup costs no FLOPs)."""
+    h, d = model.hidden_size, model.head_size
+    a, g = model.num_attention_heads, model.kv_heads
+    per_layer = h * a * d + 2 * h * g * d + a * d * h + 3 * h * model.intermediate_size
+    return model.num_hidden_layers * per_layer + h * model.padded_vocab_size()
+
+
+def forward_flops(model: ModelConfig, seq_len: int, causal: bool = False) -> int:
+    """Forward FLOPs of one sequence of ``seq_len`` tokens (see the module docstring)."""
+    s = int(seq_len)
+    dense = 2 * s * matmul_params(model)
+    # Q K^T: [s, d] x [d, s] per head and A V: [s, s] x [s, d] per head, 2 FLOPs per MAC each.
+    attention = model.num_hidden_layers * 2 * (2 * s * s * model.num_attention_heads)
+    attention *= model.head_size
+    if causal:
+        attention //= 2
+    return dense + attention
+
+
+def training_flops(model: ModelConfig, seq_lens: Iterable[int], causal: bool = False) -> int:
+    """Model FLOPs of one training iteration: 3x the forward FLOPs of every sequence.
+
+    Args:
+        model: the model shape.
+        seq_lens: token count (without padding) of each sequence of the iteration, over all
+            micro-batches and data-parallel ranks (a pair contributes two sequences:
+            prompt+chosen and prompt+rejected).
+        causal: count half of the attention square (causal kernels) instead of all of it.
+    """
+    return 3 * sum(forward_flops(model, s, causal) for s in seq_lens)
+
+
+def peak_tflops_for(device_name: str, dtype: torch.dtype) -> float | None:
+    """Dense peak TFLOP/s of the named accelerator in ``dtype`` (None if not in the table)."""
+    key = _DTYPE_NAMES.get(dtype)
+    name = device_name.upper()
+    for patterns, peaks in PEAK_TFLOPS:
+        if any(p in name for p in patterns):
+            return peaks.get(key) if key else None
+    return None
+
+
+def detect_peak_tflops(dtype: torch.dtype) -> float | None:
+    """Peak TFLOP/s of this process's CUDA device in ``dtype`` (A100, H100, H200 families);
+    None on CPU or on a device not in :data:`PEAK_TFLOPS` (then set ``--peak-tflops``)."""
+    if not torch.cuda.is_available():
+        return None
+    return peak_tflops_for(torch.cuda.get_device_name(), dtype)
+
+
+def tflops_per_gpu(flops: float, seconds: float, n_gpus: int) -> float:
+    """Achieved model TFLOP/s per accelerator."""
+    return flops / seconds / n_gpus / 1e12
+
+
+def mfu(flops: float, seconds: float, n_gpus: int, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of ``n_gpus`` devices
+    (a fraction in [0, 1] for a correct peak)."""
+    return tflops_per_gpu(flops, seconds, n_gpus) / peak_tflops

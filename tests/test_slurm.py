@@ -1,0 +1,333 @@
+"""slurm/simpo_tiny_cpu.sbatch under a real Slurm: two slurmd on this host (tools/slurm_local.sh).
+
+One job covers the whole life of a preempted run: it starts on 2 nodes (one rank per node, TP2
+over gloo), is sent SIGUSR1 with ``scancel --signal=USR1`` after its first checkpoint, checkpoints
+and requeues itself (``--slurm-requeue``), starts again, resumes from the checkpoint and finishes.
+Skipped (with the reason) where Slurm is not installed or we are not root, unless
+``MEGATRON_SIMPO_REQUIRE_SLURM`` or ``CI`` is set: CI (``.ci/run``) installs Slurm and must run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, free_port
+
+SCRIPT = REPO / "slurm" / "simpo_tiny_cpu.sbatch"
+HELPER = REPO / "tools" / "slurm_local.sh"
+TRAIN_ITERS = 16
+SAVE_INTERVAL = 4
+#: Wall-clock limit for the whole job (two start-ups of torch + Megatron-Core on 2 loaded cores).
+JOB_TIMEOUT = 900
+
+
+#: A torchrun worker that waits for the stop signals named in argv[2] (no torch: starts fast).
+WORKER = """
+import os, signal, sys, time
+want = set(sys.argv[2].split(","))
+got = []
+for name in want:
+    signal.signal(getattr(signal, name), lambda s, f: got.append(signal.Signals(s).name))
+open(sys.argv[1], "w").write(str(os.getpid()))
+deadline = time.time() + 120
+while set(got) != want and time.time() < deadline:
+    time.sleep(0.05)
+print("worker got", sorted(got), flush=True)
+sys.exit(0 if set(got) == want else 3)
+"""
+
+
+def _start_agent(tmp_path: Path, launcher: str, signals: list[signal.Signals]):
+    """``python -m LAUNCHER --nproc-per-node 1 worker.py``; returns (agent, worker pid)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    ready = tmp_path / "ready"
+    names = ",".join(s.name for s in signals)
+    cmd = [sys.executable, "-m", launcher, "--nproc-per-node", "1"]
+    cmd += ["--master-port", str(free_port()), str(worker), str(ready), names]
+    agent = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 180
+    while not ready.exists() or not ready.read_text():
+        if agent.poll() is not None or time.time() > deadline:
+            agent.kill()
+            pytest.fail(f"the worker did not start: {agent.communicate()[0]}")
+        time.sleep(0.1)
+    return agent, int(ready.read_text())
+
+
+def test_launcher_forwards_stop_signals(tmp_path):
+    """SIGUSR1 then SIGTERM sent to the agent alone: megatron_simpo.launch passes each to the
+    worker, keeps supervising it and exits with its status (0)."""
+    agent, pid = _start_agent(tmp_path, "megatron_simpo.launch", [signal.SIGUSR1, signal.SIGTERM])
+    try:
+        agent.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        agent.send_signal(signal.SIGTERM)
+        out = agent.communicate(timeout=120)[0]
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, out
+    assert "worker got ['SIGTERM', 'SIGUSR1']" in out, out
+    for name in ("SIGUSR1", "SIGTERM"):
+        assert f"launch: {name} forwarded to worker pids [{pid}]" in out, out
+
+
+def test_plain_torchrun_dies_of_sigusr1(tmp_path):
+    """The pitfall the launcher exists for (and the control of the test above): plain
+    torchrun's agent is killed by SIGUSR1 and leaves its worker orphaned, unsignalled."""
+    agent, pid = _start_agent(tmp_path, "torch.distributed.run", [signal.SIGUSR1])
+    try:
+        agent.send_signal(signal.SIGUSR1)
+        agent.wait(timeout=60)
+        assert agent.returncode == -signal.SIGUSR1  # the default action: terminate
+        os.kill(pid, 0)  # the worker (own session) is still alive, never told to stop
+    finally:
+        agent.kill()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _ports_free(first: int, count: int) -> bool:
+    for port in range(first, first + count):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                return False
+    return True
+
+
+def _cluster_ports() -> int:
+    """A port p with p, p+1, p+2 free (slurmctld, slurmd node1, slurmd node2)."""
+    for _ in range(50):
+        p = free_port()
+        if p < 65000 and _ports_free(p, 3):
+            return p
+    raise RuntimeError("no three consecutive free ports")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> dict[str, str]:
+    """Starts a local two-node Slurm; yields the environment for sbatch/squeue/scontrol."""
+    required = bool(os.environ.get("MEGATRON_SIMPO_REQUIRE_SLURM") or os.environ.get("CI"))
+    missing = [c for c in ("sbatch", "slurmctld", "slurmd", "munged") if not shutil.which(c)]
+    if not missing and os.geteuid() != 0:
+        missing = ["root (slurmd runs jobs as the submitting user)"]
+    if missing:
+        reason = f"needs {', '.join(missing)}: run tools/slurm_local.sh install as root"
+        if required:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    state = tmp_path_factory.mktemp("slurm")
+    env = {
+        **os.environ,
+        "SLURM_LOCAL_DIR": str(state),
+        "SLURM_LOCAL_PORT": str(_cluster_ports()),
+    }
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    started = subprocess.run(
+        ["bash", str(HELPER), "start"], env=env, capture_output=True, text=True
+    )
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield env
+    finally:
+        subprocess.run(["bash", str(HELPER), "stop"], env=env, capture_output=True, text=True)
+
+
+def _job(env: dict[str, str], job: str) -> dict[str, str]:
+    """``scontrol show job`` as a dict (JobState, Restarts, NodeList, ...)."""
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True
+    ).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def _tracker(ckpt: Path) -> int | None:
+    f = ckpt / "latest_checkpointed_iteration.txt"
+    return int(f.read_text()) if f.is_file() else None
+
+
+def _logs(run_dir: Path) -> str:
+    parts = [f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(run_dir.rglob("*.log"))]
+    parts += [f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(run_dir.glob("*.out"))]
+    return "\n".join(parts)
+
+
+def _attempt_log(run_dir: Path, job: str, attempt: int) -> str:
+    """Both nodes' logs of one start of the job (``$RUN_DIR/logs/JOB.ATTEMPT.NODE_INDEX.log``)."""
+    return "".join(p.read_text() for p in sorted((run_dir / "logs").glob(f"{job}.{attempt}.*.log")))
+
+
+@pytest.fixture(scope="module")
+def preempted_run(slurm, tmp_path_factory) -> dict:
+    """Submits the tiny CPU script, preempts it with SIGUSR1 after its first checkpoint, waits
+    until the requeued job has finished; returns the job's record and run directory."""
+    run_dir = tmp_path_factory.mktemp("run")
+    env = {
+        **slurm,
+        "RUN_DIR": str(run_dir),
+        "TRAIN_ITERS": str(TRAIN_ITERS),
+        "SAVE_INTERVAL": str(SAVE_INTERVAL),
+        "MASTER_PORT": str(free_port()),
+        "EXTRA_ARGS": "--log-interval 1",
+    }
+    sub = subprocess.run(
+        ["sbatch", "--parsable", "--output", f"{run_dir}/slurm-%j.out", str(SCRIPT)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    deadline = time.time() + JOB_TIMEOUT
+    signalled_at = None
+    while time.time() < deadline:
+        info = _job(slurm, job)
+        state = info.get("JobState")
+        if signalled_at is None and _tracker(run_dir / "ckpt") is not None:
+            # The first periodic checkpoint is published, so the trainer is in its loop.
+            signalled_at = _tracker(run_dir / "ckpt")
+            subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
+        elif state == "PENDING" and info.get("Reason") == "BeginTime":
+            # Slurm holds a requeued job for 120 s (BeginTime); start it now.
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True
+            )
+        elif state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break  # rank 0 requeues before it exits: a requeued job is never seen COMPLETED
+        time.sleep(0.5)
+    else:
+        subprocess.run(["scancel", job], env=slurm)
+        pytest.fail(f"job {job} not finished after {JOB_TIMEOUT} s: {info}\n{_logs(run_dir)}")
+    return {"job": job, "info": info, "run_dir": run_dir, "signalled_at": signalled_at}
+
+
+def test_tiny_cpu_job_runs_on_two_nodes(preempted_run):
+    """Both attempts ran one rank on each of the 2 nodes, and the job ended with a checkpoint at
+    --train-iters and metrics for every iteration under RUN_DIR."""
+    info, run_dir = preempted_run["info"], preempted_run["run_dir"]
+    logs = _logs(run_dir)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{logs}"
+    assert info["NodeList"] == "node[1-2]" and info["NumNodes"] == "2", info
+    job = preempted_run["job"]
+    for attempt in (0, 1):
+        # srun --output .../JOB.ATTEMPT.NODE_INDEX.log: one torchrun agent per node; with
+        # --nnodes 2 the c10d rendezvous admits the workers only once both agents joined.
+        names = {p.name for p in (run_dir / "logs").glob(f"{job}.{attempt}.*.log")}
+        assert names == {f"{job}.{attempt}.0.log", f"{job}.{attempt}.1.log"}, names
+    assert _tracker(run_dir / "ckpt") == TRAIN_ITERS, logs
+    assert (run_dir / "ckpt" / f"iter_{TRAIN_ITERS:07d}" / "metadata.json").is_file()
+    assert list((run_dir / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    rows = [json.loads(x) for x in (run_dir / "tb" / "metrics.jsonl").read_text().splitlines()]
+    its = [r["iteration"] for r in rows]
+    # --log-interval 1: every iteration once, none lost and none repeated across the requeue.
+    assert its == list(range(1, TRAIN_ITERS + 1)), its
+    assert all(isinstance(r["loss"], float) for r in rows)
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(preempted_run):
+    """SIGUSR1 (scancel --signal=USR1): the agents survive (megatron_simpo.launch), every rank
+    stops at an iteration boundary after checkpointing, rank 0 requeues the job, and the second
+    start of the same script resumes from that checkpoint instead of starting over."""
+    info, run_dir, job = preempted_run["info"], preempted_run["run_dir"], preempted_run["job"]
+    logs = _logs(run_dir)
+    assert preempted_run["signalled_at"] is not None, logs
+    assert info["Restarts"] == "1", f"{info}\n{logs}"
+    # The c10d rendezvous, not the node order, decides which node holds rank 0: read both.
+    first = _attempt_log(run_dir, job, 0)
+    stop = re.search(r"stopping at iteration (\d+): stop signal received", first)
+    assert stop, logs
+    stopped_at = int(stop.group(1))
+    assert SAVE_INTERVAL <= stopped_at < TRAIN_ITERS, stopped_at
+    assert f"requeued Slurm job {job}" in first, logs
+    # The agent forwarded the signal instead of dying from it (exit 138 = 128 + SIGUSR1).
+    assert "launch: SIGUSR1 forwarded" in first, logs
+    assert "User defined signal" not in logs, logs
+    second = _attempt_log(run_dir, job, 1)
+    assert f"resuming {run_dir}/ckpt (iteration {stopped_at})" in second, logs
+    assert "starting from" not in second, logs
+    assert re.search(rf"iter {TRAIN_ITERS}/{TRAIN_ITERS} ", second), logs
+
+
+@pytest.mark.parametrize(
+    "script, preset, nodes, layout",
+    [
+        ("simpo_llama3_8b.sbatch", "llama3-8b", 1, (1, 2, 4)),
+        ("simpo_llama3_70b.sbatch", "llama3-70b", 4, (8, 4, 1)),
+    ],
+)
+def test_gpu_scripts_give_a_valid_run(tmp_path, script, preset, nodes, layout):
+    """The 8B and 70B scripts, run by bash with stand-ins for srun/scontrol (no GPUs here): the
+    command they launch parses, and validates at their world size with the real model config,
+    in the documented TP x PP x DP layout; rendezvous on the first node."""
+    from dataclasses import asdict
+
+    from megatron_simpo.cli import build_parser, config_from_args
+    from megatron_simpo.plan import load_model
+
+    text = (REPO / "slurm" / script).read_text()
+    assert "#SBATCH --signal=USR1@300" in text and "#SBATCH --requeue" in text
+    assert f"#SBATCH --nodes={nodes}" in text
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/argv\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] && printf "gpu%s\\n" 1 2 3 4\n'
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    init = tmp_path / "init"  # an imported checkpoint as far as the config is concerned
+    (init / "iter_0000000").mkdir(parents=True)
+    (init / "latest_checkpointed_iteration.txt").write_text("0")
+    run_state = {"config": {"model": asdict(load_model(preset))}}
+    (init / "iter_0000000" / "run_state.json").write_text(json.dumps(run_state))
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "REPO": str(REPO),
+        "RUN_DIR": str(tmp_path / "run"),
+        "INIT_CKPT": str(init),
+        "DATA": str(tmp_path / "pairs.jsonl"),
+        "SLURM_JOB_ID": "42",
+        "SLURM_NNODES": str(nodes),
+        "SLURM_JOB_NODELIST": f"gpu[1-{nodes}]",
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "slurm" / script)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    argv = (tmp_path / "argv").read_text().splitlines()
+    cut = argv.index("megatron_simpo")
+    launch, train = argv[:cut], argv[cut + 1 :]
+    start = launch.index("python")
+    assert launch[start : start + 3] == ["python", "-m", "megatron_simpo.launch"], launch
+    assert launch[launch.index("--rdzv-endpoint") + 1] == "gpu1:29500"
+    assert launch[launch.index("--nnodes") + 1] == str(nodes)
+    args = build_parser().parse_args(train)
+    cfg = config_from_args(args)
+    world = nodes * int(launch[launch.index("--nproc-per-node") + 1])
+    cfg.validate(world_size=world, training=True)
+    p = cfg.parallel
+    tp, pp, dp = layout
+    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size) == (tp, pp)
+    assert world // (tp * pp) == dp
+    assert p.use_distributed_optimizer and cfg.train.slurm_requeue
+    assert cfg.train.save == f"{tmp_path}/run/ckpt"
+    assert cfg.logging.tensorboard_dir == f"{tmp_path}/run/tb"
+    assert cfg.model.hidden_size == load_model(preset).hidden_size  # taken from --load
