@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from synthetic import long_tailed_pairs
 
 MODES = {
     "padded": {},
@@ -37,26 +37,8 @@ MODES = {
 
 
 def make_pairs(n: int, max_len: int, vocab: int, seed: int) -> list[dict]:
-    """Pretokenized pairs with long-tailed lengths (see the module docstring)."""
-    rng = random.Random(seed)
-
-    def length(median: float, sigma: float, lo: int, hi: int) -> int:
-        return max(lo, min(hi, int(rng.lognormvariate(math.log(median), sigma))))
-
-    out = []
-    for _ in range(n):
-        p = length(0.12 * max_len, 0.8, 4, max_len // 2)
-        prompt = [1] + [rng.randrange(3, vocab) for _ in range(p - 1)]
-        resp = [
-            [
-                rng.randrange(3, vocab)
-                for _ in range(length(0.21 * max_len, 0.7, 2, max_len - p) - 1)
-            ]
-            + [2]
-            for _ in range(2)
-        ]
-        out.append({"prompt_ids": prompt, "chosen_ids": resp[0], "rejected_ids": resp[1]})
-    return out
+    """Pretokenized pairs with long-tailed lengths (``synthetic.py``)."""
+    return long_tailed_pairs(n, max_len, vocab, seed)
 
 
 def _non_padding(mb: dict) -> int:

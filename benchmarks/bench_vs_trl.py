@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -44,6 +43,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from synthetic import long_tailed_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,29 +62,8 @@ BETA, GAMMA, LR = 2.0, 1.0, 1e-6
 
 
 def make_pairs(n: int, max_len: int, seed: int) -> list[dict]:
-    """Pairs with long-tailed lengths: prompt ~ lognormal(median 0.12 max_len), each response
-    ~ lognormal(median 0.21 max_len), clipped so prompt + response <= max_len tokens (at 512:
-    medians 61 and 108, the shape of UltraFeedback's token counts scaled down)."""
-    rng = random.Random(seed)
-    vocab = MODEL["vocab_size"]
-
-    def length(median: float, sigma: float, lo: int, hi: int) -> int:
-        return max(lo, min(hi, int(rng.lognormvariate(math.log(median), sigma))))
-
-    out = []
-    for _ in range(n):
-        p = length(0.12 * max_len, 0.8, 4, max_len // 2)
-        prompt = [1] + [rng.randrange(3, vocab) for _ in range(p - 1)]
-        resp = [
-            [
-                rng.randrange(3, vocab)
-                for _ in range(length(0.21 * max_len, 0.7, 2, max_len - p) - 1)
-            ]
-            + [2]
-            for _ in range(2)
-        ]
-        out.append({"prompt_ids": prompt, "chosen_ids": resp[0], "rejected_ids": resp[1]})
-    return out
+    """Pairs with long-tailed lengths (``synthetic.py``) in the benchmark model's vocabulary."""
+    return long_tailed_pairs(n, max_len, MODEL["vocab_size"], seed)
 
 
 def real_token_fraction(pairs: list[dict], order: list[int], micro: int) -> float:
