@@ -244,7 +244,9 @@ def _unshare_torch_adam_steps(optimizer) -> None:
     """Bug 3: ``DistributedOptimizer.load_state_dict`` puts one ``step``
     tensor object into every param's state; torch Adam increments each param's step in place,
     so a shared tensor advances once per parameter per iteration and bias correction goes
-    wrong after a resume. Each param gets its own copy."""
+    wrong after a resume. Each param gets its own copy. (With the fully reshardable format the
+    bug-2 wrapper already re-creates every step it sets aside; this pass also covers params that
+    path does not visit, and costs one small clone per param at load.)"""
     for adam in _torch_adams_of_distributed_optimizers(optimizer):
         for state in adam.state.values():
             if "step" in state and torch.is_tensor(state["step"]):
