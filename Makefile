@@ -18,7 +18,7 @@ NPROC ?= 2
 BARE ?= .venv-mcore019
 BARE_PY := $(BARE)/bin/python
 MCORE019 ?= 0.19.2
-MCORE019_DIR := $(BARE)/megatron-core-$(MCORE019)
+MCORE019_DIR := $(abspath $(BARE))/megatron-core-$(MCORE019)
 # Layouts, resume, conversion, packing, export, generate, and the cheap numerics around them.
 MCORE019_TESTS ?= tests/test_cpu_platform.py tests/test_compat.py tests/test_loss.py \
 	tests/test_logprobs.py tests/test_layouts.py tests/test_resume.py tests/test_convert.py \
@@ -59,20 +59,20 @@ $(BARE)/.installed: pyproject.toml $(SOURCES)
 test-install: install $(BARE)/.installed
 	MEGATRON_SIMPO_BARE_VENV=$(BARE) $(PY) -m pytest -q tests/test_install.py
 
-$(MCORE019_DIR)/.unpacked:
+$(MCORE019_DIR)/.unpacked: | $(BARE)/.installed
 	rm -rf $(MCORE019_DIR) && mkdir -p $(MCORE019_DIR)
-	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	$(BARE_PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		-d $(MCORE019_DIR) "megatron-core==$(MCORE019)"
-	cd $(MCORE019_DIR) && $(CURDIR)/$(PY) -m zipfile -e megatron_core-*.whl . && rm megatron_core-*.whl
+	cd $(MCORE019_DIR) && $(abspath $(BARE_PY)) -m zipfile -e megatron_core-*.whl . && rm megatron_core-*.whl
 	touch $@
 
 # pytest only (not the [test] extra's ruff): the venv stays what `pip install .` made.
 test-mcore019: $(BARE)/.installed $(MCORE019_DIR)/.unpacked
 	$(BARE_PY) -m pip install -q "pytest>=8"
-	PYTHONPATH=$(CURDIR):$(CURDIR)/$(MCORE019_DIR) $(BARE_PY) -c \
+	PYTHONPATH=$(CURDIR):$(MCORE019_DIR) $(BARE_PY) -W ignore -c \
 		"import megatron_simpo, importlib.metadata as m, megatron.core as c; \
 		assert m.version('megatron-core') == '$(MCORE019)' and '$(MCORE019_DIR)' in c.__file__, c.__file__"
-	PYTHONPATH=$(CURDIR):$(CURDIR)/$(MCORE019_DIR) $(BARE_PY) -m pytest -q $(MCORE019_TESTS)
+	PYTHONPATH=$(CURDIR):$(MCORE019_DIR) $(BARE_PY) -m pytest -q $(MCORE019_TESTS)
 
 demo: install
 	$(PY) tools/demo.py --nproc $(NPROC)
