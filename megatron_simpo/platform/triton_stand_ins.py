@@ -108,7 +108,7 @@ class _StandInFinder(importlib.abc.MetaPathFinder):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in TRITON_ONLY_MODULES or not needs_stand_in(fullname, path):
+        if not needs_stand_in(fullname, path):
             return None
         return importlib.machinery.ModuleSpec(fullname, _StandInLoader(), origin="stand-in")
 
