@@ -331,3 +331,84 @@ def test_gpu_scripts_give_a_valid_run(tmp_path, script, preset, nodes, layout):
     assert cfg.train.save == f"{tmp_path}/run/ckpt"
     assert cfg.logging.tensorboard_dir == f"{tmp_path}/run/tb"
     assert cfg.model.hidden_size == load_model(preset).hidden_size  # taken from --load
+
+
+# ---------------------------------------------------------------------------------------------
+# --slurm-requeue where `scontrol` is missing (a job step inside a pyxis/enroot container).
+
+
+def _requeue(monkeypatch, tmp_path, path: str, marker: bool) -> str:
+    """Runs ``Trainer.requeue`` as rank 0 of job 42 with ``PATH=path``; returns what it printed
+    (the marker file's path is ``tmp_path/requeue``)."""
+    import contextlib
+    import io
+
+    from megatron_simpo import train
+
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 0)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("PATH", path)
+    if marker:
+        monkeypatch.setenv("MEGATRON_SIMPO_REQUEUE_FILE", str(tmp_path / "requeue"))
+    else:
+        monkeypatch.delenv("MEGATRON_SIMPO_REQUEUE_FILE", raising=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train.Trainer.requeue(None)  # uses no trainer state
+    return out.getvalue()
+
+
+def _stand_in(bin_dir: Path, name: str, body: str) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+    (bin_dir / name).chmod(0o755)
+
+
+def test_requeue_without_scontrol_falls_back(monkeypatch, tmp_path):
+    """No ``scontrol`` on PATH: one message naming the cause, no exception; with
+    ``MEGATRON_SIMPO_REQUEUE_FILE`` the job id is left there for the batch script."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = _requeue(monkeypatch, tmp_path, str(empty), marker=False)
+    assert "--slurm-requeue: scontrol not found in this environment (inside a container?)" in out
+    assert "Slurm's own --requeue" in out and not (tmp_path / "requeue").exists()
+    out = _requeue(monkeypatch, tmp_path, str(empty), marker=True)
+    assert (tmp_path / "requeue").read_text() == "42"
+    assert "the batch script requeues job 42" in out, out
+
+
+def test_requeue_reports_a_failing_scontrol(monkeypatch, tmp_path):
+    bin_dir = tmp_path / "bin"
+    _stand_in(bin_dir, "scontrol", 'echo "scontrol: error: Access/permission denied" >&2; exit 1')
+    out = _requeue(monkeypatch, tmp_path, f"{bin_dir}:/usr/bin:/bin", marker=True)
+    assert "scontrol requeue 42 failed: scontrol: error: Access/permission denied" in out, out
+    assert (tmp_path / "requeue").read_text() == "42"
+
+
+def test_requeue_with_scontrol(monkeypatch, tmp_path):
+    bin_dir = tmp_path / "bin"
+    _stand_in(bin_dir, "scontrol", f'echo "$@" > {tmp_path}/argv')
+    out = _requeue(monkeypatch, tmp_path, f"{bin_dir}:/usr/bin:/bin", marker=True)
+    assert (tmp_path / "argv").read_text() == "requeue 42\n"
+    assert "requeued Slurm job 42" in out and not (tmp_path / "requeue").exists()
+
+
+def test_stop_checkpoint_then_requeue_without_scontrol_exits_0(tmp_path):
+    """The real entry point inside a 'container' (no scontrol on PATH): the time limit stops the
+    run after iteration 1, the stop checkpoint is written, and the process exits 0 with the
+    fallback message instead of a FileNotFoundError traceback."""
+    from conftest import torchrun
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["-m", "megatron_simpo", "train", "--config", "examples/tiny_pretok.yaml"]
+    args += ["--train-iters", "5", "--save", str(tmp_path / "ckpt"), "--slurm-requeue"]
+    args += ["--exit-duration-in-mins", "0"]
+    env = {"PATH": str(empty), "SLURM_JOB_ID": "42"}
+    env["MEGATRON_SIMPO_REQUEUE_FILE"] = str(tmp_path / "requeue")
+    r = torchrun(1, args, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert re.search(r"stopping at iteration 1: --exit-duration-in-mins 0(\.0)? reached", r.stdout)
+    assert _tracker(tmp_path / "ckpt") == 1
+    assert "scontrol not found in this environment" in r.stdout, r.stdout
+    assert (tmp_path / "requeue").read_text() == "42"
