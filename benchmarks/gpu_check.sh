@@ -5,7 +5,8 @@
 #   make gpu-wheels                        # once, where pip reaches an index: benchmarks/wheels
 #   bash benchmarks/gpu_check.sh OUT_DIR   # on the GPU machine, with benchmarks/wheels carried
 #
-# Stages, each under its own timeout (T_SETUP + T_TESTS + T_PROBE + T_SLICE = 335 s by default),
+# Stages, each under its own timeout (T_SETUP + T_TESTS + T_PROBE + T_SLICE = 335 s by default;
+# a stage that ignores SIGTERM is killed 5 s later: 355 s at worst),
 # stdout and stderr of each in OUT_DIR/<stage>.log:
 #   setup       install the carried wheels (pip --no-index --no-deps --target $GPU_CHECK_SITE,
 #               put on PYTHONPATH) and report the environment (benchmarks/gpu_env.py): versions,
@@ -70,7 +71,7 @@ stage() {
         return
     fi
     echo "== $name (timeout ${limit} s): $*"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log"
+    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     case $rc in
         0) record "$name" ok $((SECONDS - start)) ;;

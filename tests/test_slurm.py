@@ -241,6 +241,21 @@ def test_tiny_cpu_job_runs_on_two_nodes(preempted_run):
     assert all(isinstance(r["loss"], float) for r in rows)
 
 
+def test_data_is_prepared_once_in_its_own_step(preempted_run):
+    """The prepare step wrote RUN_DIR/data/{train,heldout} in the first start (before the
+    training step), and the requeued start reused them instead of preparing again."""
+    run_dir, job = preempted_run["run_dir"], preempted_run["job"]
+    out = (run_dir / f"slurm-{job}.out").read_text()
+    for name, source in (("train", "train.jsonl"), ("heldout", "heldout.jsonl")):
+        info = json.loads((run_dir / "data" / name / "prepared.json").read_text())
+        assert info["data_path"].endswith(f"examples/tiny/{source}"), info
+        assert info["options"]["max_length"] == 32 and info["summary"]["kept"] > 0, info
+        assert out.count(f"preparing {info['data_path']} into {run_dir}/data/{name}") == 1, out
+        assert out.count(f"data already prepared: {run_dir}/data/{name}") == 1, out
+    first = out.index("preparing ")
+    assert first < out.index("logs: "), out  # before the training step starts
+
+
 def test_preempted_job_checkpoints_requeues_and_resumes(preempted_run):
     """SIGUSR1 (scancel --signal=USR1): the agents survive (megatron_simpo.launch), every rank
     stops at an iteration boundary after checkpointing, rank 0 requeues the job, and the second
