@@ -25,7 +25,7 @@ MCORE019_TESTS ?= tests/test_cpu_platform.py tests/test_compat.py tests/test_los
 	tests/test_packing.py tests/test_export.py tests/test_generate.py tests/test_hf_parity.py
 SOURCES := $(shell find megatron_simpo -name '*.py')
 
-.PHONY: install test test-suite test-install test-mcore019 demo lint format clean
+.PHONY: install test test-suite test-install test-mcore019 demo lint format clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -79,3 +79,23 @@ demo: install
 
 clean:
 	rm -rf runs .pytest_cache $(BARE)
+
+# Wheels that benchmarks/gpu_check.sh installs on a lent GPU machine (CUDA torch for Python 3.12,
+# x86-64, no package index; it has pyarrow, pandas, xxhash, pyyaml, safetensors, psutil,
+# tensorboard, pytest): megatron-core (its wheels are per Python version: cp312), datasets and
+# the two it needs that the machine lacks. ~3.2 MB; carry benchmarks/wheels (git-ignored) with
+# the call. Another image: add what `gpu_check.sh`'s setup stage names, e.g.
+#   make gpu-wheels GPU_WHEELS_EXTRA="pyarrow==22.0.0"
+GPU_PIP ?= python3 -m pip
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEELS ?= megatron-core==0.19.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+GPU_WHEELS_EXTRA ?=
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64
+
+gpu-wheels:
+	rm -rf benchmarks/wheels
+	$(GPU_PIP) download --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) \
+		-d benchmarks/wheels $(GPU_WHEELS) $(GPU_WHEELS_EXTRA)
+	du -sh benchmarks/wheels

@@ -382,22 +382,48 @@ class Trainer:
         return self.cfg.train.slurm_requeue and stopped
 
     def requeue(self) -> None:
-        """``scontrol requeue $SLURM_JOB_ID`` from rank 0, once the stop checkpoint is written."""
+        """``scontrol requeue $SLURM_JOB_ID`` from rank 0, once the stop checkpoint is written.
+
+        Never fails the (already checkpointed) run: inside a container (pyxis/enroot) the job
+        step usually has no ``scontrol``, or it may be refused. Then one message says so, the
+        process exits 0, and the job id is written to ``$MEGATRON_SIMPO_REQUEUE_FILE`` when set:
+        the batch script, which runs outside the container, requeues the job after the step
+        (``slurm/common.sh``). Without it, Slurm's own ``--requeue`` (preemption) or a
+        resubmission of the same command continues the run.
+        """
         job = os.environ.get("SLURM_JOB_ID")
         if dist.get_rank() != 0:
             return
         if not job:
             print("--slurm-requeue: no SLURM_JOB_ID (not under Slurm); not requeued", flush=True)
             return
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        if done.returncode == 0:
-            print(
-                f"requeued Slurm job {job}: it resumes from --save when it starts again", flush=True
+        try:
+            done = subprocess.run(
+                ["scontrol", "requeue", job], capture_output=True, text=True, timeout=120
             )
+        except FileNotFoundError:
+            problem = "scontrol not found in this environment (inside a container?)"
+        except (OSError, subprocess.SubprocessError) as e:
+            problem = f"scontrol requeue {job} could not run ({type(e).__name__}: {e})"
         else:
-            print(
-                f"--slurm-requeue: scontrol requeue {job} failed: {done.stderr.strip()}", flush=True
+            if done.returncode == 0:
+                print(
+                    f"requeued Slurm job {job}: it resumes from --save when it starts again",
+                    flush=True,
+                )
+                return
+            problem = f"scontrol requeue {job} failed: {done.stderr.strip()}"
+        marker = os.environ.get("MEGATRON_SIMPO_REQUEUE_FILE")
+        if marker:
+            with open(marker, "w") as f:
+                f.write(job)
+            then = f"the batch script requeues job {job} after this step ({marker})"
+        else:
+            then = (
+                "relying on Slurm's own --requeue (preemption) or a resubmission of the same "
+                "command, which resumes from --save"
             )
+        print(f"megatron-simpo: --slurm-requeue: {problem}; {then}", flush=True)
 
 
 def _gen_line(iteration: int, m: dict[str, float], texts: list[str]) -> str:
