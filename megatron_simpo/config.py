@@ -236,7 +236,9 @@ class TrainConfig:
     seed: int = 1234
     """Seed for init, data order and dropout."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Model dtype: 'auto' is bf16 on CUDA, fp32 on CPU. Log-probs are always fp32."""
+    """Model dtype: 'auto' is bf16 on CUDA, fp32 on CPU. Log-probs are always fp32. fp16 uses a
+    dynamic loss scale (from 2**16, halved on overflow; those skipped updates do not count towards
+    --max-skipped-iters)."""
     recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recompute (passed to Megatron-Core's TransformerConfig)."""
     recompute_method: Literal["uniform", "block"] | None = None
@@ -453,7 +455,7 @@ class RunConfig:
         if (t.pack_pairs or t.prefix_sharing) and t.attention_backend == "te":
             # Packed rows need an explicit block mask (megatron_simpo/data/packing.py).
             raise ConfigError(
-                "--pack-pairs / --prefix-sharing need --attention-backend sdpa (or local on CPU)"
+                "--pack-pairs / --prefix-sharing need --attention-backend sdpa or local"
             )
         if m.rope_scaling is not None:
             kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))

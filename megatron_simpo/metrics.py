@@ -12,10 +12,11 @@ iteration), ``tokens`` (non-padding tokens; chosen and rejected each counted wit
 gradient), ``update_ok`` (1, or 0 for a skipped update), ``memory/peak_gib`` (worst rank: peak
 allocated CUDA memory on GPU, peak RSS on CPU), ``model_flops`` (of the iteration, see
 ``flops.py``), ``tflops_per_gpu`` and ``mfu`` (when the peak is known: ``--peak-tflops`` or a
-detected A100/H100/H200). With a held-out set, every ``--eval-interval``: the same SimPO metrics
-with an ``eval/`` prefix and ``eval/num_pairs``; every ``--gen-interval``: the generation
-probe's ``gen/`` metrics (texts go to TensorBoard text ``gen/texts``). Drift alarms go to the log
-and to TensorBoard text ``alarms``; the config is TensorBoard text ``config``.
+detected A100/H100/H200), ``loss_scale`` (fp16: the dynamic loss scale of the next iteration).
+With a held-out set, every ``--eval-interval``: the same SimPO metrics with an ``eval/`` prefix
+and ``eval/num_pairs``; every ``--gen-interval``: the generation probe's ``gen/`` metrics (texts
+go to TensorBoard text ``gen/texts``). Drift alarms go to the log and to TensorBoard text
+``alarms``; the config is TensorBoard text ``config``.
 """
 
 from __future__ import annotations

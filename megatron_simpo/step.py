@@ -191,7 +191,8 @@ def train_step(
     vocab_size: int,
     after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Forward, backward, optimizer step; returns the reduced metrics, ``grad_norm``, ``lr``.
+    """Forward, backward, optimizer step; returns the reduced metrics, ``grad_norm``, ``lr``,
+    ``update_ok`` and, with fp16's dynamic loss scaling, ``loss_scale``.
 
     ``after_backward`` runs once gradients are final (reduced over DP, divided by the global
     pair count) and before the optimizer touches them (tests use it to export gradients).
@@ -206,15 +207,26 @@ def train_step(
     lr = optimizer.param_groups[0]["lr"]
     update_ok, grad_norm = False, None
     # A non-finite loss or gradient must never reach the weights (or Adam's moments): skip the
-    # update. Megatron-Core's own check covers only fp16 loss scaling.
-    if math.isfinite(metrics["loss"]) and grads_are_finite(model):
+    # update. Megatron-Core's own check covers only fp16 loss scaling; there the optimizer must
+    # see the overflow itself (it skips the update and lowers the loss scale).
+    scaled = uses_loss_scaling(optimizer)
+    if math.isfinite(metrics["loss"]) and (scaled or grads_are_finite(model)):
         update_ok, grad_norm, _ = optimizer.step()
         if update_ok:
             scheduler.step(increment=1)
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["lr"] = lr
     metrics["update_ok"] = float(bool(update_ok))
+    if scaled:  # after the step: the scale the next iteration uses
+        metrics["loss_scale"] = float(optimizer.get_loss_scale())
     return metrics
+
+
+def uses_loss_scaling(optimizer) -> bool:
+    """Whether the Megatron optimizer (or one of a chained optimizer's parts) scales the loss
+    dynamically (fp16) and so checks the gradients for overflow itself."""
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return any(getattr(p, "grad_scaler", None) is not None for p in parts)
 
 
 def grads_are_finite(model: list) -> bool:

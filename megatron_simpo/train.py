@@ -11,6 +11,7 @@ Run (CPU, gloo; the same command runs on CUDA/NCCL)::
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import signal
@@ -45,8 +46,29 @@ def is_logging_rank() -> bool:
     )
 
 
+#: fp16's first dynamic loss scale. torch.amp's default: from Megatron's 2**32 the scale needs
+#: about 20 overflowing (skipped) iterations to come down to what fp16 gradients fit.
+FP16_INITIAL_LOSS_SCALE = 2.0**16
+#: fp16's smallest loss scale (Megatron's default).
+FP16_MIN_LOSS_SCALE = 1.0
+
+
+def is_loss_scale_search(metrics: dict[str, float]) -> bool:
+    """Whether a skipped update was fp16's dynamic loss scaler at work: the loss is finite, the
+    scaled gradients overflowed, and the scale (now lowered) is still above its minimum. Such
+    skips are counted but do not count towards ``--max-skipped-iters``; once the scale is at its
+    minimum they do (the gradients are then non-finite whatever the scale)."""
+    scale = metrics.get("loss_scale")
+    return scale is not None and scale > FP16_MIN_LOSS_SCALE and math.isfinite(metrics["loss"])
+
+
 def build_optimizer(cfg: RunConfig, model: list):
-    """Megatron-Core optimizer (AdamW; distributed if configured) and LR scheduler."""
+    """Megatron-Core optimizer (AdamW; distributed if configured) and LR scheduler.
+
+    The schedules multiply each loss by ``config.grad_scale_func`` before backward; with fp16 the
+    optimizer divides the gradients by its dynamic loss scale, so the chunks' configs get the
+    optimizer's ``scale_loss`` (as Megatron-LM does). With fp32/bf16 the scale is 1.
+    """
     o, t = cfg.optim, cfg.train
     dtype = model_dtype(cfg)
     opt_cfg = OptimizerConfig(
@@ -61,9 +83,13 @@ def build_optimizer(cfg: RunConfig, model: list):
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         params_dtype=dtype,
+        initial_loss_scale=FP16_INITIAL_LOSS_SCALE,
+        min_loss_scale=FP16_MIN_LOSS_SCALE,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_cfg, model)
+    optimizer = get_megatron_optimizer(config=opt_cfg, model_chunks=model)
+    for chunk in model:
+        chunk.config.grad_scale_func = optimizer.scale_loss
     decay_iters = max(t.train_iters, o.lr_warmup_iters + 1)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -163,6 +189,15 @@ class Trainer:
         self.consumed_pairs += self.cfg.train.global_batch_size
         if metrics["update_ok"]:
             self._skipped_in_a_row = 0
+        elif is_loss_scale_search(metrics):
+            self.skipped_iters += 1
+            if dist.get_rank() == 0:
+                print(
+                    f"iteration {self.iteration}: update skipped, fp16 gradients overflowed; "
+                    f"loss scale now {metrics['loss_scale']:g} ({self.skipped_iters} skipped in "
+                    "total)",
+                    flush=True,
+                )
         else:
             self.skipped_iters += 1
             self._skipped_in_a_row += 1
