@@ -114,11 +114,9 @@ def summarize(rows: list[dict], loss_cfg: LossConfig) -> dict:
     totals = {"loss": out.losses.sum().item(), "nll_loss": out.nll.sum().item()}
     scored = col["weight"] > 0
     totals.update({k: col[k][scored].sum().item() for k in SCORED_KEYS})
-    totals.update(pairs=len(rows), scored_pairs=int(scored.sum()), tokens=0.0)
-    totals["tokens_effective"] = 0.0
+    totals.update(pairs=len(rows), scored_pairs=int(scored.sum()))
     result = summarize_totals(totals)
-    result = {k: result[k] for k in ("loss", "nll_loss", *SCORED_KEYS)}
-    result["num_pairs"] = len(rows)
+    result["num_pairs"] = result.pop("pairs")
     return result
 
 

@@ -249,7 +249,7 @@ def summarize_totals(totals: dict[str, float]) -> dict[str, float]:
     pairs, scored = totals["pairs"], totals.pop("scored_pairs")
     out = {k: totals[k] / pairs if pairs else 0.0 for k in ("loss", "nll_loss")}
     out.update({k: totals[k] / scored if scored else float("nan") for k in SCORED_KEYS})
-    out.update({k: totals[k] for k in ("pairs", "tokens", "tokens_effective")})
+    out.update({k: totals[k] for k in ("pairs", "tokens", "tokens_effective") if k in totals})
     return out
 
 
