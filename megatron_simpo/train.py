@@ -222,6 +222,7 @@ class Trainer:
         metrics.update(
             iteration_time=dt,
             tokens_per_sec=metrics["tokens"] / dt,
+            tokens_per_sec_effective=metrics["tokens_effective"] / dt,
             pairs_per_sec=metrics["pairs"] / dt,
             consumed_pairs=float(self.consumed_pairs),
         )
@@ -230,17 +231,24 @@ class Trainer:
 
     def _throughput_and_memory(self, micro_batches: list[dict], seconds: float) -> dict:
         """Min/max response lengths, peak memory (worst rank), model TFLOP/s per device and MFU
-        (see ``flops.py``; useful work only: each sequence's real tokens, no padding)."""
+        (see ``flops.py``; the work actually computed: each sequence's input positions, a
+        prefix-shared prompt once, no padding)."""
         lengths = torch.cat([mb["lengths"].view(2, -1) for mb in micro_batches], dim=1).float()
-        seq_lens = torch.cat([mb["seq_tokens"] for mb in micro_batches]).tolist()
-        local_flops = flops.training_flops(self.cfg.model, [n for n in seq_lens if n > 0])
-        # Padding rows (lengths 0) never hold a pair, but guard the min anyway.
-        real = lengths > 0
+        inputs = torch.cat([mb["seq_tokens"].view(2, -1) - 1 for mb in micro_batches], dim=1)
+        no_sharing = [torch.zeros_like(mb["weights"], dtype=torch.long) for mb in micro_batches]
+        shared = torch.cat([mb.get("shared_prefix", z) for mb, z in zip(micro_batches, no_sharing)])
+        local_flops = flops.pairs_training_flops(
+            self.cfg.model, inputs[0].tolist(), inputs[1].tolist(), shared.tolist()
+        )
+        # Over the scored pairs (positive weight), like the mean lengths; padding rows
+        # (lengths 0) never hold a pair, but guard anyway.
+        weights = torch.cat([mb["weights"] for mb in micro_batches])
+        real = (lengths > 0) & (weights > 0)
         big = torch.tensor(float("inf"))
         extremes = torch.stack(
             [
-                lengths[0].max(),
-                lengths[1].max(),
+                torch.where(real[0], lengths[0], -big).max(),
+                torch.where(real[1], lengths[1], -big).max(),
                 -torch.where(real[0], lengths[0], big).min(),
                 -torch.where(real[1], lengths[1], big).min(),
                 torch.tensor(peak_memory_gib()),
@@ -275,7 +283,7 @@ class Trainer:
             n = min(len(pairs), self.cfg.logging.eval_iters * self.cfg.train.global_batch_size)
             pairs = Subset(pairs, list(range(n)))
         rows = score_pairs(self.model, self.cfg, pairs)
-        return {f"eval/{k}": v for k, v in summarize(rows).items()} if rows else {}
+        return {f"eval/{k}": v for k, v in summarize(rows, self.cfg.loss).items()} if rows else {}
 
     def generation_probe(self) -> tuple[dict[str, float], list[str]]:
         """Greedy continuations of the first ``--gen-prompts`` held-out prompts by the policy
