@@ -31,6 +31,7 @@ from megatron_simpo.data.rows import (
     IdsRow,
     RowError,
     TextRow,
+    detect_schema,
     is_tie,
     parse_row,
 )
@@ -74,6 +75,32 @@ def load_tokenizer(path: str) -> Any:
         except Exception as e:  # transformers raises OSError/ValueError variants
             raise DataError(f"--tokenizer {path}: cannot load a tokenizer there ({e})") from None
     return _TOKENIZERS[path]
+
+
+class LazyTokenizer:
+    """The tokenizer of ``path``, loaded on first use: pre-tokenised rows never use it, so they
+    never import transformers (``pip install .`` on a cluster, pre-tokenised data)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy/pickle probes must not load a tokenizer
+            raise AttributeError(name)
+        return getattr(load_tokenizer(self.path), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return load_tokenizer(self.path)(*args, **kwargs)
+
+
+def needs_tokenizer(row: Any, schema: str) -> bool:
+    """Whether a raw row is text or a conversation (pre-tokenised and invalid rows: False)."""
+    if schema != "auto":
+        return schema != "pretokenized"
+    try:
+        return detect_schema(row) != "pretokenized"
+    except RowError:
+        return False
 
 
 def parse_and_render(raw: Any, tok: Any, opts: PrepareOptions) -> TextRow | IdsRow:
@@ -123,9 +150,9 @@ def process_row(
                     "model's own tokenizer",
                 )
         if opts.max_length is not None:
-            # Without a tokenizer (pre-tokenised rows) the first prompt token is taken as BOS:
+            # Pre-tokenised rows (never a tokenizer) take the first prompt token as BOS:
             # it is never predicted, and pre-tokenised prompts start with BOS by convention.
-            bos = getattr(tok, "bos_token_id", None) if tok is not None else p[0]
+            bos = p[0] if isinstance(row, IdsRow) else getattr(tok, "bos_token_id", None)
             p, c, r, cut = truncate(
                 p,
                 c,
@@ -156,7 +183,7 @@ def process_row(
 
 def _map_batch(batch: dict[str, list], tokenizer: str | None, opts: dict) -> dict[str, list]:
     options = PrepareOptions(**opts)
-    tok = load_tokenizer(tokenizer) if tokenizer else None
+    tok = LazyTokenizer(tokenizer) if tokenizer else None
     # Parse and render every row first, then encode all texts of the batch in one call (the
     # fast tokenizers batch in Rust), then finish row by row.
     parsed: list = []
@@ -206,9 +233,8 @@ def prepare(
             f"--max-prompt-length {opts.max_prompt_length} must be smaller than "
             f"--max-length {opts.max_length}"
         )
-    if tokenizer:
-        load_tokenizer(tokenizer)  # fail early on a bad --tokenizer
     wheres, raws, reasons, messages = [], [], [], []
+    any_text = False
     reading = f"prepare: reading {Path(data_path).name}"
     rows = progress(iter_rows(data_path, split), reading, unit="rows", enabled=not quiet)
     for where, row in rows:
@@ -219,10 +245,13 @@ def prepare(
             messages.append(row[1])
         else:
             raws.append(json.dumps(row, default=str))
+            any_text = any_text or needs_tokenizer(row, opts.schema)
             reasons.append("")
             messages.append("")
     if not wheres:
         raise DataError(f"--data-path {data_path}: holds no rows")
+    if tokenizer and any_text:
+        load_tokenizer(tokenizer)  # fail early on a bad --tokenizer
     ds = datasets.Dataset.from_dict(
         {
             "where": wheres,
