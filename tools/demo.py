@@ -50,6 +50,15 @@ def torchrun(nproc: int, *args: str) -> list[str]:
     ]
 
 
+def loss_flags(config: Path) -> list[str]:
+    """The ``loss:`` section of a training YAML as flags, so that evaluation scores with the
+    loss the run trains (not with whatever the defaults are)."""
+    import yaml
+
+    loss = yaml.safe_load(config.read_text())["loss"]
+    return [x for k, v in loss.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
 def loaded_by_transformers(hf_dir: Path) -> str:
     """What ``transformers`` makes of an HF directory: class and parameter count."""
     from transformers import AutoModelForCausalLM
@@ -139,7 +148,14 @@ def main() -> None:
     start = time.time()
     tp = ["--tensor-model-parallel-size", str(args.nproc)]
     cache = ["--data-cache-dir", str(out / "cache")]
-    heldout = ["--data-path", "examples/tiny/heldout.jsonl", "--micro-batch-size", "30", *cache]
+    heldout = [
+        "--data-path",
+        "examples/tiny/heldout.jsonl",
+        "--micro-batch-size",
+        "30",
+        *cache,
+        *loss_flags(REPO / "examples/tiny/simpo.yaml"),
+    ]
     run(
         [
             sys.executable,
