@@ -33,6 +33,8 @@ from megatron_simpo.model import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_STATE = "run_state.json"
+#: Under a checkpoint root: the HF config/tokenizer files recorded at import.
+HF_SIDE_DIR = "hf"
 
 
 def is_extra_state(key: str) -> bool:
@@ -89,6 +91,17 @@ def checkpoint_dir(root: str | Path) -> Path | None:
     if (root / "metadata.json").is_file():
         return root
     return None
+
+
+def hf_side_dir(load: str | Path) -> Path | None:
+    """The HF files (``config.json``, tokenizer) recorded with the checkpoint at ``load``: the
+    ``hf/`` directory of the checkpoint root, ``load`` being the root or one ``iter_*``
+    checkpoint in it. None when there is none."""
+    load = Path(load)
+    sides = [load / HF_SIDE_DIR]
+    if checkpoint_dir(load) == load:  # a single checkpoint: its root is the parent
+        sides.append(load.parent / HF_SIDE_DIR)
+    return next((s for s in sides if s.is_dir()), None)
 
 
 def read_run_state(ckpt: Path) -> dict[str, Any]:
@@ -158,10 +171,9 @@ def copy_hf_side_files(src: str | Path | None, root: str | Path) -> None:
     checkpoint a run started from to the run's own checkpoint directory."""
     if src is None or dist.get_rank() != 0:
         return
-    ckpt = checkpoint_dir(src)
-    side = Path(src) / "hf" if ckpt is None or ckpt == Path(src) else ckpt.parent / "hf"
-    target = Path(root) / "hf"
-    if side.is_dir() and not target.exists():
+    side = hf_side_dir(src)
+    target = Path(root) / HF_SIDE_DIR
+    if side is not None and not target.exists():
         shutil.copytree(side, target)
 
 

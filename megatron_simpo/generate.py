@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -356,17 +355,15 @@ def resolve_eos_id(
     if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
         return int(tokenizer.eos_token_id)
     if cfg.train.load:
-        from megatron_simpo.checkpointing import checkpoint_dir
+        from megatron_simpo.checkpointing import hf_side_dir
 
-        ckpt = checkpoint_dir(cfg.train.load)
-        sides = [Path(cfg.train.load) / "hf"] + ([ckpt.parent / "hf"] if ckpt else [])
-        for side in sides:
-            for name in ("generation_config.json", "config.json"):
-                f = side / name
-                if f.is_file():
-                    eos = json.loads(f.read_text()).get("eos_token_id")
-                    if eos is not None:
-                        return eos
+        side = hf_side_dir(cfg.train.load)
+        for name in ("generation_config.json", "config.json") if side is not None else ():
+            f = side / name
+            if f.is_file():
+                eos = json.loads(f.read_text()).get("eos_token_id")
+                if eos is not None:
+                    return eos
     if pairs is not None and len(pairs):
         ends = set()
         for i in range(min(len(pairs), 64)):

@@ -63,11 +63,14 @@ def test_round_trip_is_lossless(tmp_path, family):
         "convert", "hf-to-mcore", "--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "ckpt")
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    # One family exports from the iteration directory itself: the HF side files recorded at
+    # import live under the checkpoint root (CKPT/hf), which must be found from there too.
+    load = tmp_path / "ckpt" / ("iter_0000000" if family == "qwen2" else "")
     res = run_cli(
         "convert",
         "mcore-to-hf",
         "--load",
-        str(tmp_path / "ckpt"),
+        str(load),
         "--hf-dir",
         str(tmp_path / "back"),
         "--max-shard-size",
@@ -86,6 +89,24 @@ def test_round_trip_is_lossless(tmp_path, family):
             assert cb.get(key) == value, key
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
     assert type(back).__name__.lower().startswith(family)
+    gen = json.loads((tmp_path / "hf/generation_config.json").read_text())
+    assert json.loads((tmp_path / "back/generation_config.json").read_text()) == gen
+
+
+def test_hf_side_dir_is_found_from_the_root_or_one_checkpoint(tmp_path):
+    from megatron_simpo.checkpointing import TRACKER, hf_side_dir
+
+    root = tmp_path / "ckpt"
+    (root / "iter_0000007").mkdir(parents=True)
+    (root / "iter_0000007/metadata.json").write_text("{}")
+    (root / TRACKER).write_text("7\n")
+    assert hf_side_dir(root) is None and hf_side_dir(root / "iter_0000007") is None
+    (root / "hf").mkdir()
+    assert hf_side_dir(root) == root / "hf"
+    assert hf_side_dir(root / "iter_0000007") == root / "hf"
+    # A directory that is not a checkpoint does not borrow its parent's hf/.
+    (root / "other").mkdir()
+    assert hf_side_dir(root / "other") is None
 
 
 def test_export_errors(tmp_path):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_simpo.config import ModelConfig, RunConfig
+from megatron_simpo.config import ModelConfig
 from megatron_simpo.convert import keymap
-from megatron_simpo.convert.hf import HF_SIDE_FILES
+from megatron_simpo.convert.common import HF_SIDE_FILES, checkpoint_names
 from megatron_simpo.errors import CheckpointError, ConfigError
 from megatron_simpo.progress import progress
 
@@ -38,31 +38,6 @@ def parse_size(text: str) -> int:
     if not m:
         raise ConfigError(f"--max-shard-size {text!r}: expected e.g. 5GB, 500MB")
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
-
-
-def sharded_key_map(model_cfg: ModelConfig) -> dict[str, tuple[str, bool, tuple[int, ...]]]:
-    """Module state-dict name (layer 0) -> (dist-checkpoint key, layer-stacked?, shape of one
-    layer's tensor).
-
-    Read off a one-layer proxy model's ``sharded_state_dict`` so the names follow whatever the
-    installed Megatron-Core writes (e.g. its TE-compatible norm keys).
-    """
-    from dataclasses import replace
-
-    from megatron_simpo.model import build_model, unwrap
-
-    proxy = replace(model_cfg, num_hidden_layers=1)
-    cfg = RunConfig()
-    cfg.model = proxy
-    cfg.train.precision = "fp32"
-    (model,) = build_model(cfg, use_te=False)
-    out = {}
-    for name, sh in unwrap(model).sharded_state_dict().items():
-        if name.endswith("_extra_state"):
-            continue
-        # Megatron stacks every decoder-layer tensor along a leading layer axis.
-        out[name] = (sh.key, ".layers." in name, tuple(sh.data.shape))
-    return out
 
 
 def _slice_planner(chunks: dict):
@@ -87,27 +62,6 @@ def _slice_planner(chunks: dict):
             return t
 
     return SlicePlanner()
-
-
-def extra_state_objects(model_cfg: ModelConfig) -> dict[str, object]:
-    """Layer-stacked ShardedObject keys (module extra state) of this model -> their data."""
-    from dataclasses import replace
-
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    from megatron_simpo.model import build_model, unwrap
-
-    cfg = RunConfig()
-    cfg.model = replace(model_cfg, num_hidden_layers=1)
-    cfg.train.precision = "fp32"
-    (model,) = build_model(cfg, use_te=False)
-    out = {}
-    for name, sh in unwrap(model).sharded_state_dict().items():
-        if isinstance(sh, ShardedObject):
-            if ".layers." not in name:
-                raise CheckpointError(f"unexpected non-layer extra state {name}")
-            out[sh.key] = sh.data
-    return out
 
 
 class _Reader:
@@ -249,7 +203,7 @@ def mcore_to_hf(
 
     parallel.init_distributed()
     parallel.init_model_parallel(1, 1, None, seed=0)
-    keys = sharded_key_map(model_cfg)
+    keys = checkpoint_names(model_cfg).keys
     reader = _Reader(ckpt)
     writer = _ShardWriter(out, limit)
     stored_dtype = None
@@ -259,10 +213,9 @@ def mcore_to_hf(
     writer.close()
     parallel.destroy_model_parallel()
 
-    side = ckpt.parent / "hf" if ckpt != load else load / "hf"
-    base = (
-        json.loads((side / "config.json").read_text()) if (side / "config.json").is_file() else None
-    )
+    side = checkpointing.hf_side_dir(load)
+    side_config = side / "config.json" if side is not None else None
+    base = json.loads(side_config.read_text()) if side_config and side_config.is_file() else None
     config = model_cfg.to_hf_config(base)
     torch_dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[
         target or stored_dtype
@@ -271,7 +224,7 @@ def mcore_to_hf(
     config["dtype"] = torch_dtype
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tok_src = Path(tokenizer) if tokenizer else side
-    for name in HF_SIDE_FILES:
+    for name in HF_SIDE_FILES if tok_src is not None else ():
         if name != "config.json" and (tok_src / name).is_file():
             shutil.copy2(tok_src / name, out / name)
     return out

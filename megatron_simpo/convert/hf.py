@@ -19,22 +19,9 @@ import torch
 
 from megatron_simpo.config import ModelConfig, RunConfig
 from megatron_simpo.convert import keymap
+from megatron_simpo.convert.common import HF_SIDE_FILES, checkpoint_names
 from megatron_simpo.errors import ConfigError
 from megatron_simpo.progress import Progress
-
-#: Files copied next to the checkpoint so that evaluation/export find the tokenizer.
-HF_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "added_tokens.json",
-)
 
 
 class SafetensorsDir:
@@ -152,7 +139,6 @@ def hf_to_mcore(
     from torch.distributed.checkpoint import FileSystemWriter
 
     from megatron_simpo import checkpointing, parallel
-    from megatron_simpo.convert.export import extra_state_objects, sharded_key_map
 
     hf_dir, save = Path(hf_dir), Path(save)
     if not (hf_dir / "config.json").is_file():
@@ -181,7 +167,8 @@ def hf_to_mcore(
 
     parallel.init_distributed()
     parallel.init_model_parallel(1, 1, None, seed=0)
-    keys = sharded_key_map(model_cfg)  # names from a 1-layer proxy of this model
+    names = checkpoint_names(model_cfg)  # read off a 1-layer proxy of this model
+    keys = names.keys
     shapes = keymap.Shapes.of(model_cfg)
     layer_re = re.compile(r"\.layers\.(\d+)\.")
     n_layers = model_cfg.num_hidden_layers
@@ -220,7 +207,7 @@ def hf_to_mcore(
     # Per-layer module extra state (Megatron ShardedObjects, e.g. of linear layers): stored as
     # Megatron does, torch.save([data]) under "<key>/shard_<layer>_<layers>".
     objects = {}
-    for key, data in extra_state_objects(model_cfg).items():
+    for key, data in names.extra_state.items():
         buf = io.BytesIO()
         torch.save([data], buf)
         for i in range(n_layers):
@@ -261,7 +248,7 @@ def hf_to_mcore(
     final = save / "iter_0000000"
     os.replace(tmp, final)
     (save / checkpointing.TRACKER).write_text("0\n")
-    side = save / "hf"
+    side = save / checkpointing.HF_SIDE_DIR
     side.mkdir(exist_ok=True)
     for name in HF_SIDE_FILES:
         if (hf_dir / name).is_file():

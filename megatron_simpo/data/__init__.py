@@ -103,14 +103,13 @@ def _default_tokenizer(cfg) -> str | None:
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
     if cfg.train.load:
-        from megatron_simpo.checkpointing import checkpoint_dir
+        from megatron_simpo.checkpointing import hf_side_dir
 
-        ckpt = checkpoint_dir(cfg.train.load)
-        for side in ((ckpt.parent / "hf") if ckpt else None, Path(cfg.train.load) / "hf"):
-            if side is not None and any(
-                (side / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")
-            ):
-                return str(side)
+        side = hf_side_dir(cfg.train.load)
+        if side is not None and any(
+            (side / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")
+        ):
+            return str(side)
     return None
 
 

@@ -287,9 +287,9 @@ def per_sequence_rope(model: torch.nn.Module, position_ids: torch.Tensor) -> Ite
         model: a GPTModel (possibly wrapped: anything with ``.module`` chains).
         position_ids: ``[rows, s]`` int64.
     """
-    core = model
-    while hasattr(core, "module"):
-        core = core.module
+    from megatron_simpo.model import unwrap
+
+    core = unwrap(model)
     rope = getattr(core, "rotary_pos_emb", None)
     if rope is None:
         yield
@@ -321,10 +321,9 @@ def check_attention_supports_mask(model: torch.nn.Module) -> None:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_simpo.attention import SDPAttention
+    from megatron_simpo.model import unwrap
 
-    core = model
-    while hasattr(core, "module"):
-        core = core.module
+    core = unwrap(model)
     for mod in core.modules():
         name = type(mod).__name__
         if isinstance(mod, SDPAttention):
