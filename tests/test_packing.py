@@ -286,11 +286,19 @@ def test_cli_flags_reach_the_trainer(tmp_path):
 
     padded = run("padded")
     shared = run("shared", "--pack-pairs", "--prefix-sharing")
-    for a, b in zip(padded, shared):
+    from megatron_simpo.data.batching import global_batch_indices
+
+    pairs = varied_pairs(24)
+    for it, (a, b) in enumerate(zip(padded, shared)):
         assert abs(a["loss"] - b["loss"]) < 2e-6
-        # Honest throughput: the shared run computes each prompt once (tiny_pretok: prompts of
-        # 5 tokens, 4 computed once, 16 pairs per iteration); the unshared count keeps its name.
+        # Honest throughput: the shared run computes each prompt once (less its last token,
+        # which each branch keeps) for pairs whose shared row fits --seq-length 16 (the others
+        # are split, unshared); the unshared count keeps its name. tiny_pretok.yaml: global
+        # batch 16, seed 1234.
+        batch = [pairs[i] for i in global_batch_indices(len(pairs), 16, it, 1234)]
+        fits = [p for p in batch if len(p.prompt_ids + p.chosen_ids + p.rejected_ids) - 1 <= 16]
+        saved = sum(len(p.prompt_ids) - 1 for p in fits)
         assert a["tokens"] == a["tokens_effective"] == b["tokens_effective"]
-        assert b["tokens"] == a["tokens"] - 16 * 4
+        assert saved > 0 and b["tokens"] == a["tokens"] - saved
         assert b["model_flops"] < a["model_flops"]
         assert b["tokens_per_sec"] == pytest.approx(b["tokens"] / b["iteration_time"])
