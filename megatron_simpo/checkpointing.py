@@ -219,6 +219,11 @@ def load_checkpoint(
                 f"--load {ckpt}: entries {sorted(result.unexpected_keys)[:5]} do not belong to "
                 "this model; check the model config"
             )
+    if optimizer is not None and not resume:
+        # Weights only (--load of a converted or weights-only checkpoint): under bf16/fp16 the
+        # optimizer built its fp32 main params from the random init; without this refresh the
+        # first step would copy those (plus the update) back over the loaded weights.
+        optimizer.reload_model_params()
     if resume:
         with _skip_step_when_setting_states(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
@@ -317,6 +322,8 @@ def grads_as_params(model: list):
             if g is None:
                 continue
             swapped.append((p, p.data))
+            # Cast (bf16 params: the gradient rounded to bf16): ``.data`` of another dtype would
+            # reset the parameter's grad accumulator, dropping DDP's main_grad hooks for good.
             p.data = g.view_as(p).to(p.dtype)
     try:
         yield

@@ -1,6 +1,8 @@
 """Checkpoint/resume behaviour that a requeued job relies on (part of the fault-tolerance issue):
 the same command resumes from --save, resumed losses equal an uninterrupted run bit for bit,
-SIGTERM checkpoints at the next iteration and exits 0, --keep-last, --exit-duration-in-mins."""
+SIGTERM checkpoints at the next iteration and exits 0, --keep-last, --exit-duration-in-mins.
+On varied data (``tests/data/varied_pretok.jsonl``: lengths 1..16, non-unit weights; 24 pairs, so
+global batches of 16 straddle epochs)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ BASE = [
     "train",
     "--config",
     "examples/tiny_pretok.yaml",
+    "--data-path",
+    "tests/data/varied_pretok.jsonl",
     "--train-iters",
     "6",
     "--lr",
@@ -66,15 +70,18 @@ def losses(tb):
 
 
 def test_requeued_run_continues_bit_identically(tmp_path):
-    run(["--tensorboard-dir", str(tmp_path / "tb_a"), "--save", str(tmp_path / "a")])
-    b = ["--tensorboard-dir", str(tmp_path / "tb_b"), "--save", str(tmp_path / "b")]
+    """In bf16 (the GPU default): the checkpoint must hold the fp32 main params, not only the
+    bf16 weights, for the resumed updates to be bit-identical."""
+    bf16 = ["--precision", "bf16"]
+    run([*bf16, "--tensorboard-dir", str(tmp_path / "tb_a"), "--save", str(tmp_path / "a")])
+    b = [*bf16, "--tensorboard-dir", str(tmp_path / "tb_b"), "--save", str(tmp_path / "b")]
     first = run([*b, "--exit-interval", "3"])
     assert "iter 3/6" in first and "iter 4/6" not in first
     second = run(b)  # the same command again, as a requeued job would
     assert "resuming" in second and "iter 4/6" in second and "iter 1/6" not in second
     a, bb = losses(tmp_path / "tb_a"), losses(tmp_path / "tb_b")
     assert sorted(bb) == list(range(1, 7))
-    # Same layout, fp32, deterministic CPU kernels: the resumed run is bit-identical.
+    # Same layout, deterministic CPU kernels: the resumed run is bit-identical.
     assert [a[i] for i in range(1, 7)] == [bb[i] for i in range(1, 7)]
 
 

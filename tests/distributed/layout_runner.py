@@ -4,9 +4,10 @@
 
 Megatron-Core is imported once per process; between layouts only its model-parallel groups are
 rebuilt. A reference layout (no reference of its own) initialises fresh weights and writes them to
-``DIR/<name>/init`` for the layouts compared with it; every layout writes ``metrics.json``, its
-step-1 gradients (``grads/``, unless the distributed optimizer shards them) and its weights after
-the last step (``weights/``) as dist checkpoints, which ``tests/test_layouts.py`` compares.
+``DIR/<name>/init`` for the layouts compared with it (directly or through another layout, as the
+bf16 layouts through ``tp1_bf16``); every layout writes ``metrics.json``, its step-1 fp32 main
+gradients (``grads/``, unless the distributed optimizer shards them) and its weights after the
+last step (``weights/``) as dist checkpoints, which ``tests/test_layouts.py`` compares.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from layouts import LAYOUTS, config_dict  # noqa: E402
+from layouts import LAYOUTS, config_dict, init_of  # noqa: E402
 
 from megatron_simpo import parallel  # noqa: E402
 
@@ -28,7 +29,7 @@ parallel.init_distributed()
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron_simpo import checkpointing  # noqa: E402
+from megatron_simpo import checkpointing, step  # noqa: E402
 from megatron_simpo.config import RunConfig  # noqa: E402
 from megatron_simpo.data import Subset  # noqa: E402
 from megatron_simpo.evaluate import score_pairs  # noqa: E402
@@ -69,10 +70,48 @@ def directional_derivative(trainer: Trainer, eps: float = 1e-3) -> dict[str, flo
     return {"grad_l2": norm, "fd_slope": slope}
 
 
+def _names(tensors) -> list[str]:
+    return sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+
+
+def dtypes_of(trainer: Trainer) -> dict[str, list[str]]:
+    """Dtypes of what must stay fp32 under bf16 params: the DDP gradient buffers, each
+    parameter's ``main_grad`` and the optimizer's main (master) parameters."""
+    params = [p for chunk in trainer.model for p in chunk.parameters()]
+    buffers = [b.grad_data for chunk in trainer.model for b in chunk.buffers]
+    inner = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    main = [p for o in inner for g in o.optimizer.param_groups for p in g["params"]]
+    return {
+        "params": _names(params),
+        "main_grad": _names(p.main_grad for p in params),
+        "grad_buffers": _names(buffers),
+        "main_params": _names(main),
+    }
+
+
+def record_loss_dtypes(seen: dict[str, set]) -> None:
+    """Wraps the loss function to record the dtypes of what it hands the schedule (the loss
+    that backward starts from) and of the per-pair log-probs."""
+    original = step._loss_func
+
+    def recording(*args, **kwargs):
+        loss, count, report = original(*args, **kwargs)
+        seen.setdefault("loss", set()).add(str(loss.dtype).removeprefix("torch."))
+        logps = report["per_pair"]["logps/chosen"]
+        seen.setdefault("logps", set()).add(str(logps.dtype).removeprefix("torch."))
+        return loss, count, report
+
+    step._loss_func = recording
+
+
+LOSS_DTYPES: dict[str, set] = {}
+record_loss_dtypes(LOSS_DTYPES)
+
+
 def run_layout(name: str, out: Path, data: str) -> None:
-    world, ref, _ = LAYOUTS[name]
+    world, ref = LAYOUTS[name].world, LAYOUTS[name].ref
     assert dist.get_world_size() == world, f"{name} needs {world} ranks"
-    load = str(out / ref / "init") if ref else None
+    load = str(out / init_of(name) / "init") if ref else None
     cfg = RunConfig.from_dict(config_dict(name, data, load))
     trainer = Trainer(cfg)
     start = time.perf_counter()
@@ -87,6 +126,7 @@ def run_layout(name: str, out: Path, data: str) -> None:
     eval_rows = next(r for r in scored if r is not None)
 
     checks: dict[str, float] = {}
+    LOSS_DTYPES.clear()
 
     def export_grads() -> None:
         with checkpointing.grads_as_params(trainer.model):
@@ -101,6 +141,14 @@ def run_layout(name: str, out: Path, data: str) -> None:
         history.append(trainer.step(export_grads if i == 0 and not distopt else None))
         step_times.append(time.perf_counter() - t0)
     checkpointing.save_tensors(out / name / "weights", trainer.model)
+    # The loss lives on the last pipeline stage, rank 0 writes: union over the world.
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {**dtypes_of(trainer), **LOSS_DTYPES})
+    merged: dict[str, set] = {}
+    for g in gathered:
+        for k, v in g.items():
+            merged.setdefault(k, set()).update(v)
+    dtypes = {k: sorted(v) for k, v in merged.items()}
     if dist.get_rank() == 0:
         (out / name / "metrics.json").write_text(
             json.dumps(
@@ -109,6 +157,7 @@ def run_layout(name: str, out: Path, data: str) -> None:
                     "eval_losses": [r["loss"] for r in eval_rows],
                     "step_times": step_times,
                     "grads_saved": not distopt,
+                    "dtypes": dtypes,
                     **checks,
                     "wall": time.perf_counter() - start,
                 }

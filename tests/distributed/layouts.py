@@ -1,13 +1,17 @@
 """The integration matrix, as data: named parallel layouts trained from the same weights and data.
 
-Every layout runs the same 3 SimPO steps (global batch of 8 pairs) from the checkpoint that the
-single-process reference (``tp1`` / ``tp1_tied``) wrote, and is compared with it: per-step losses,
-metrics and gradient norms, the full gradients of step 1 (layouts without the distributed
-optimizer, whose gradient buffer only holds its own shard after the reduce-scatter) and the
-weights after step 3.
+Every layout runs the same 3 SimPO steps (global batch of 8 pairs of ``tests/data/
+varied_pretok.jsonl``: varied lengths and weights) from the weights that the fp32
+single-process reference ``tp1`` (or ``tp1_tied``) wrote, and is compared with its reference:
+per-step losses, metrics and gradient norms, the full gradients of step 1 (layouts without the
+distributed optimizer, whose gradient buffer only holds its own shard after the reduce-scatter)
+and the weights after step 3. The bf16 layouts load the same fp32 weights (rounded to bf16) and
+are compared with the bf16 single process ``tp1_bf16`` and with the fp32 ``tp1``.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 #: Small Llama: GQA (4 query heads, 2 KV groups), SwiGLU, RMSNorm, RoPE; fp32.
 BASE = {
@@ -37,33 +41,48 @@ BASE = {
     },
 }
 
-#: name -> (world size, reference layout, overrides of the "parallel" section)
-LAYOUTS: dict[str, tuple[int, str | None, dict]] = {
-    "tp1": (1, None, {}),
-    "tp1_tied": (1, None, {}),
-    "tp2": (2, "tp1", {"tensor_model_parallel_size": 2}),
-    "pp2": (2, "tp1", {"pipeline_model_parallel_size": 2}),
-    "pp2_vpp2": (
-        2,
-        "tp1",
-        {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1},
+
+class Layout(NamedTuple):
+    """One entry of the matrix."""
+
+    world: int
+    """Ranks (layouts of one world size share one torchrun)."""
+    ref: str | None
+    """Layout compared with (None: a reference, which initialises and saves the weights)."""
+    parallel: dict
+    """Overrides of the ``parallel`` section."""
+    train: dict | None = None
+    """Overrides of the ``train`` section (precision, micro-batch size)."""
+
+
+BF16 = {"precision": "bf16"}
+TP2_PP2 = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
+TP2_DP2_SP_DISTOPT = {
+    "tensor_model_parallel_size": 2,
+    "sequence_parallel": True,
+    "use_distributed_optimizer": True,
+}
+
+LAYOUTS: dict[str, Layout] = {
+    "tp1": Layout(1, None, {}),
+    "tp1_tied": Layout(1, None, {}),
+    # Loads tp1's weights; compared with tp1 (fp32) and the reference of the bf16 layouts.
+    "tp1_bf16": Layout(1, "tp1", {}, BF16),
+    "tp2": Layout(2, "tp1", {"tensor_model_parallel_size": 2}),
+    # 8 micro-batches of one pair through the 1F1B schedule, all padded to the slice's longest.
+    "pp2": Layout(2, "tp1", {"pipeline_model_parallel_size": 2}, {"micro_batch_size": 1}),
+    "pp2_vpp2": Layout(
+        2, "tp1", {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1}
     ),
-    "tp2_pp2": (4, "tp1", {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}),
-    "tp2_pp2_tied": (
-        4,
-        "tp1_tied",
-        {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
-    ),
-    "tp2_dp2_sp_distopt": (
-        4,
-        "tp1",
-        {
-            "tensor_model_parallel_size": 2,
-            "sequence_parallel": True,
-            "use_distributed_optimizer": True,
-        },
-    ),
-    "dp4": (4, "tp1", {}),
+    "tp2_bf16": Layout(2, "tp1_bf16", {"tensor_model_parallel_size": 2}, BF16),
+    "pp2_bf16": Layout(2, "tp1_bf16", {"pipeline_model_parallel_size": 2}, BF16),
+    "tp2_pp2": Layout(4, "tp1", TP2_PP2),
+    "tp2_pp2_tied": Layout(4, "tp1_tied", TP2_PP2),
+    "tp2_dp2_sp_distopt": Layout(4, "tp1", TP2_DP2_SP_DISTOPT),
+    # Two one-pair micro-batches per rank, each padded to its own length (tp1: pairs of pairs).
+    "dp4": Layout(4, "tp1", {}, {"micro_batch_size": 1}),
+    "tp2_pp2_bf16": Layout(4, "tp1_bf16", TP2_PP2, BF16),
+    "tp2_dp2_sp_distopt_bf16": Layout(4, "tp1_bf16", TP2_DP2_SP_DISTOPT, BF16),
 }
 
 
@@ -71,11 +90,26 @@ def is_tied(name: str) -> bool:
     return name.endswith("_tied")
 
 
+def init_of(name: str) -> str:
+    """The reference layout whose initial weights ``name`` loads (the root of its ref chain)."""
+    while (ref := LAYOUTS[name].ref) is not None:
+        name = ref
+    return name
+
+
+def fp32_of(name: str) -> str | None:
+    """The fp32 layout a bf16 layout is also compared with (None for fp32 layouts)."""
+    train = LAYOUTS[name].train or {}
+    return init_of(name) if train.get("precision") == "bf16" else None
+
+
 def config_dict(name: str, data_path: str, load: str | None) -> dict:
     """The full config of a layout (a dict for ``RunConfig.from_dict``)."""
+    layout = LAYOUTS[name]
     cfg = {k: dict(v) for k, v in BASE.items()}
     cfg["model"]["tie_word_embeddings"] = is_tied(name)
-    cfg["parallel"] = dict(LAYOUTS[name][2])
+    cfg["parallel"] = dict(layout.parallel)
+    cfg["train"].update(layout.train or {})
     cfg["data"] = {"data_path": data_path}
     cfg["train"]["load"] = load
     return cfg
