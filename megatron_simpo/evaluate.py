@@ -24,7 +24,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_simpo import checkpointing, parallel
 from megatron_simpo.config import RunConfig
-from megatron_simpo.data import Pair, collate, pairs_for
+from megatron_simpo.data import Pair, collate, pairs_for, prepare_for_run
 from megatron_simpo.model import build_model
 from megatron_simpo.progress import progress
 from megatron_simpo.step import PAIR_KEYS as PER_PAIR_KEYS
@@ -102,6 +102,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def evaluate(cfg: RunConfig, output: str | None = None) -> dict | None:
     """The ``evaluate`` command (collective); returns the result on the writing rank."""
+    prepare_for_run(cfg)  # before the process group: tokenising may outlast its timeout
     parallel.init_distributed(cfg.parallel.distributed_timeout_minutes)
     parallel.init_model_parallel_for(cfg)
     pairs = pairs_for(cfg, cfg.data.data_path)
