@@ -5,10 +5,14 @@
         --kv-heads 2 --vocab 4096 --seq-length 256 --steps 3     # a CPU-sized smoke run
 
 Runs the real trainer (``megatron_simpo.train.Trainer``: Megatron-Core GPT model, SimPO loss,
-Adam, on one device) on synthetic pre-tokenised pairs whose prompt+response fill the sequence
-length, times ``--steps`` optimizer steps after ``--warmup`` and prints one JSON line with
-tokens/s, model TFLOP/s per device (``flops.py``), MFU (peak detected or ``--peak-tflops``),
-peak memory, and the attention backend used. Extra trainer flags go after ``--``.
+Adam, on one device) on synthetic pre-tokenised pairs, times ``--steps`` optimizer steps after
+``--warmup`` and prints one JSON line with tokens/s, model TFLOP/s per device (``flops.py``),
+MFU (peak detected or ``--peak-tflops``), peak memory, and the attention backend used. Pairs
+either fill the sequence length (``--lengths full``: prompt seq/4, responses the rest) or have
+long-tailed lengths (``--lengths long-tailed``, ``synthetic.py``: what packing is for). Tokens
+and FLOPs count real tokens only (no padding). Extra trainer flags (``--pack-pairs``,
+``--fused-loss-head``, ...) go after ``--``. ``benchmarks/bench_gpu_slice.py`` runs it per mode
+and layer count.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def synthetic_pairs(path: Path, n: int, seq_length: int, vocab: int, seed: int) -> None:
@@ -56,6 +61,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--peak-tflops", type=float)
+    ap.add_argument("--lengths", default="full", choices=["full", "long-tailed"])
+    ap.add_argument("--seed", type=int, default=0)
     args, extra = ap.parse_known_args()
     extra = [x for x in extra if x != "--"]
 
@@ -70,7 +77,14 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_throughput_"))
     n_pairs = args.global_batch_size * (args.steps + args.warmup)
-    synthetic_pairs(tmp / "pairs.jsonl", n_pairs, args.seq_length, args.vocab, seed=0)
+    if args.lengths == "full":
+        synthetic_pairs(tmp / "pairs.jsonl", n_pairs, args.seq_length, args.vocab, args.seed)
+    else:
+        from synthetic import long_tailed_pairs
+
+        with (tmp / "pairs.jsonl").open("w") as f:
+            for row in long_tailed_pairs(n_pairs, args.seq_length, args.vocab, args.seed):
+                f.write(json.dumps(row) + "\n")
     argv = ["train", "--data-path", str(tmp / "pairs.jsonl"), "--data-schema", "pretokenized"]
     argv += ["--num-hidden-layers", str(args.layers), "--hidden-size", str(args.hidden)]
     argv += ["--intermediate-size", str(args.ffn), "--num-attention-heads", str(args.heads)]
@@ -112,6 +126,10 @@ def main() -> None:
         "vocab": args.vocab,
         "seq_length": args.seq_length,
         "pairs_per_step": args.global_batch_size,
+        "lengths": args.lengths,
+        "extra_flags": extra,
+        "tokens_per_step": tokens / args.steps,
+        "model_flops_per_step": model_flops / args.steps,
         "precision": str(trainer.model[0].config.params_dtype),
         "attention_backend": resolve_attention_backend(
             cfg.train.attention_backend, have_transformer_engine() and torch.cuda.is_available()
@@ -120,6 +138,7 @@ def main() -> None:
         "seconds_per_step": seconds / args.steps,
         "tokens_per_sec": tokens / seconds,
         "tflops_per_gpu": tflops,
+        "peak_tflops": trainer.peak_tflops,
         "mfu": tflops / trainer.peak_tflops if trainer.peak_tflops else None,
         "peak_memory_gib": peak_memory_gib(),
     }

@@ -1,54 +1,153 @@
 #!/usr/bin/env bash
-# GPU readiness in one short run (fits a 10-minute slot on one NVIDIA GPU):
-#   1. the tests that need CUDA (tests/test_cuda.py; CPU runs skip them), plus the attention and
-#      fused-loss-head equality tests, which also run on CUDA when it is present;
-#   2. SimPO training throughput of a Llama-3-8B-shaped slice (4 layers, hidden 4096, GQA 32/8,
-#      SwiGLU 14336, vocab 128256, seq 4096, bf16; TE spec when Transformer Engine is installed,
-#      else SDPA) with the materialised and the fused loss head: tokens/s, TFLOP/s, MFU.
+# GPU readiness of megatron-simpo in one call of under 6 minutes on one H100/H200, on a machine
+# with CUDA torch but no package index (nothing is downloaded here):
 #
-#   bash benchmarks/gpu_check.sh                  # uses $PY (default: .venv/bin/python, python3)
-#   SEQ=2048 LAYERS=2 STEPS=3 bash benchmarks/gpu_check.sh
+#   make gpu-wheels                        # once, where pip reaches an index: benchmarks/wheels
+#   bash benchmarks/gpu_check.sh OUT_DIR   # on the GPU machine, with benchmarks/wheels carried
 #
-# Python needs torch (CUDA), megatron-core and this package's dependencies. A machine without a
-# package index can use pure-Python wheels unpacked here beforehand:
-#   .venv/bin/pip download --no-deps -d .gpu_deps/wheels megatron-core==0.16.1 ...
-# and PYTHONPATH=.gpu_deps/site (see README "Performance").
+# Stages, each under its own timeout (T_SETUP + T_TESTS + T_PROBE + T_SLICE = 335 s by default;
+# a stage that ignores SIGTERM is killed 5 s later: 355 s at worst),
+# stdout and stderr of each in OUT_DIR/<stage>.log:
+#   setup       install the carried wheels (pip --no-index --no-deps --target $GPU_CHECK_SITE,
+#               put on PYTHONPATH) and report the environment (benchmarks/gpu_env.py): versions,
+#               the GPU, any module still missing (the stage then fails, naming the wheel to add)
+#   cuda_tests  tests/test_cuda.py: bf16 and fp32 steps vs an fp32 CPU reference (a process
+#               with CUDA hidden, gloo), SDPA vs local, the fused head, packing, CLI save/resume
+#   sdpa_probe  benchmarks/probe_sdpa_kernels.py: the SDPA kernel (flash / efficient / cuDNN /
+#               math) that padded and packed attention get, at Llama-3-8B shapes
+#   slice       benchmarks/bench_gpu_slice.py: Llama-3-8B-shaped slice, bf16, seq 4096, 4 and 8
+#               layers, padded / fused head / packed: tokens/s, TFLOP/s, MFU, per-layer cost
+# then OUT_DIR/summary.txt: each stage ok / failed / skipped with its time, and the tables.
+# Exit status: 0 all stages ok; 1 a stage failed; 2 stopped where CUDA is first needed because
+# none is available (a dry run on a CPU machine; GPU_CHECK_ALLOW_CPU=1 runs the CUDA stages
+# anyway, with CPU-sized shapes).
+#
+# Overrides: PY (python with torch; default .venv/bin/python if present, else python3),
+# WHEELS (default benchmarks/wheels; empty or absent: the environment is used as it is),
+# GPU_CHECK_SITE (install target, default $TMPDIR/gpu_check_site: outside OUT_DIR),
+# GPU_CHECK_REQUIRE (modules that must import, default benchmarks/gpu_env.py's list),
+# T_SETUP, T_TESTS, T_PROBE, T_SLICE (seconds).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-SEQ=${SEQ:-4096}
-LAYERS=${LAYERS:-4}
-STEPS=${STEPS:-5}
-OUT=${OUT:-${TMPDIR:-/tmp}/gpu_check}
-mkdir -p "$OUT"
-if [ -d .gpu_deps/site ]; then export PYTHONPATH="$PWD/.gpu_deps/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"; fi
+cd "$(dirname "$0")/.." || exit 1
+REPO=$PWD
+OUT_DIR=${1:-${OUT_DIR:-${TMPDIR:-/tmp}/gpu_check}}
+WHEELS=${WHEELS:-$REPO/benchmarks/wheels}
+GPU_CHECK_SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu_check_site}
+PY=${PY:-$([[ -x .venv/bin/python ]] && echo "$REPO/.venv/bin/python" || echo python3)}
+T_SETUP=${T_SETUP:-30}
+T_TESTS=${T_TESTS:-100}
+T_PROBE=${T_PROBE:-25}
+T_SLICE=${T_SLICE:-180}
+mkdir -p "$OUT_DIR" || exit 1
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+export PYTHONPATH="$GPU_CHECK_SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export CUDA_DEVICE_MAX_CONNECTIONS=1   # Megatron's setting for TP communication ordering
+export PY WHEELS GPU_CHECK_SITE GPU_CHECK_REQUIRE="${GPU_CHECK_REQUIRE:-}"
 
-echo "== environment"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" - <<'PY' || { echo "gpu_check: torch/megatron-core not importable with $PY"; exit 2; }
-import torch, megatron.core as mc
-print(f"torch {torch.__version__} cuda {torch.version.cuda} available {torch.cuda.is_available()}")
-print(f"megatron-core {getattr(mc, '__version__', '?')}")
-try:
-    import transformer_engine  # noqa: F401
-    print("transformer-engine: installed")
-except Exception:
-    print("transformer-engine: not installed (SDPA attention)")
-assert torch.cuda.is_available(), "no CUDA device visible"
-PY
+NAMES=() RESULTS=() TIMES=()
+BLOCKED=""       # set: every later stage is skipped for this reason
+STOPPED_NO_CUDA=0
+TINY=()          # CPU-sized shapes for the benchmarks when CUDA is absent and allowed
 
-status=0
-echo "== CUDA tests"
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_attention.py \
-    tests/test_fused_logprobs.py 2>&1 | tail -n 15 || status=1
+record() {  # record NAME RESULT SECONDS
+    NAMES+=("$1") RESULTS+=("$2") TIMES+=("$3")
+    printf '== %s: %s (%s s)\n' "$1" "$2" "$3"
+}
 
-shape=(--layers "$LAYERS" --hidden 4096 --ffn 14336 --heads 32 --kv-heads 8 --vocab 128256
-       --seq-length "$SEQ" --micro-batch-size 1 --global-batch-size 2 --steps "$STEPS" --warmup 2
-       --precision bf16)
-echo "== throughput: Llama-3-8B slice, materialised loss head"
-timeout 150 "$PY" benchmarks/bench_throughput.py "${shape[@]}" 2>/dev/null | tail -n 1 \
-    | tee "$OUT/throughput.json" || status=1
-echo "== throughput: Llama-3-8B slice, fused loss head"
-timeout 150 "$PY" benchmarks/bench_throughput.py "${shape[@]}" -- --fused-loss-head 2>/dev/null \
-    | tail -n 1 | tee "$OUT/throughput_fused.json" || status=1
-exit $status
+# stage NAME TIMEOUT NEEDS_CUDA COMMAND...: runs COMMAND under `timeout`, tee'd to NAME.log.
+stage() {
+    local name=$1 limit=$2 needs_cuda=$3 log="$OUT_DIR/$1.log" start=$SECONDS rc
+    shift 3
+    if [[ -n $BLOCKED ]]; then
+        record "$name" "skipped ($BLOCKED)" 0
+        return
+    fi
+    if [[ $needs_cuda == 1 && $HAVE_CUDA != 1 && -z ${GPU_CHECK_ALLOW_CPU:-} ]]; then
+        echo "gpu_check: CUDA required from stage $name on: stop (no CUDA device visible to $PY)" \
+            | tee "$log"
+        BLOCKED="no CUDA" STOPPED_NO_CUDA=1
+        record "$name" "skipped (no CUDA)" 0
+        return
+    fi
+    echo "== $name (timeout ${limit} s): $*"
+    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) record "$name" ok $((SECONDS - start)) ;;
+        124 | 137) record "$name" "failed (timeout after $limit s)" $((SECONDS - start)) ;;
+        *) record "$name" "failed (exit $rc)" $((SECONDS - start)) ;;
+    esac
+    if [[ $name == setup && $rc != 0 ]]; then BLOCKED="setup failed"; fi
+}
+
+# The setup stage's body (run by `timeout bash -c`, hence exported variables only).
+# shellcheck disable=SC2317  # invoked indirectly, through bash -c
+setup() {
+    echo "repository $PWD; output $OUT_DIR"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 \
+        || echo "nvidia-smi: not available"
+    rm -rf "$GPU_CHECK_SITE" && mkdir -p "$GPU_CHECK_SITE" || return 1
+    shopt -s nullglob
+    local wheels=("$WHEELS"/*.whl) env_args=()
+    if ((${#wheels[@]})); then
+        echo "installing ${#wheels[@]} wheels from $WHEELS into $GPU_CHECK_SITE (no index, no deps)"
+        "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir \
+            --disable-pip-version-check -q --target "$GPU_CHECK_SITE" "${wheels[@]}" || {
+            echo "gpu_check: pip could not install the wheels of $WHEELS (see above): they must" \
+                "match this Python ($("$PY" -V 2>&1)); rebuild them with make gpu-wheels"
+            return 1
+        }
+        env_args+=(--wheels "$WHEELS")
+    else
+        echo "no wheels in WHEELS=$WHEELS: using the environment of $PY as it is"
+    fi
+    if [[ -n $GPU_CHECK_REQUIRE ]]; then
+        read -r -a req <<<"$GPU_CHECK_REQUIRE"
+        env_args+=(--require "${req[@]}")
+    fi
+    "$PY" benchmarks/gpu_env.py "${env_args[@]}"
+}
+export -f setup
+export OUT_DIR
+
+echo "gpu_check: $(date -u +%FT%TZ), logs in $OUT_DIR"
+if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    HAVE_CUDA=1
+else
+    HAVE_CUDA=0
+    [[ -n ${GPU_CHECK_ALLOW_CPU:-} ]] && TINY=(--tiny)
+fi
+
+stage setup "$T_SETUP" 0 bash -c setup
+stage cuda_tests "$T_TESTS" 1 "$PY" -m pytest -v -rA -p no:cacheprovider tests/test_cuda.py
+stage sdpa_probe "$T_PROBE" 1 "$PY" benchmarks/probe_sdpa_kernels.py "${TINY[@]}" \
+    --json "$OUT_DIR/sdpa_probe.json"
+# The slice keeps 15 s of its stage for the tables; its runs stop when that budget is spent.
+stage slice "$T_SLICE" 1 "$PY" benchmarks/bench_gpu_slice.py "${TINY[@]}" \
+    --budget-s $((T_SLICE - 15)) --json "$OUT_DIR/slice.json"
+
+{
+    echo "gpu_check summary ($(date -u +%FT%TZ); logs: $OUT_DIR/<stage>.log)"
+    printf '%-12s %-40s %s\n' stage result seconds
+    for i in "${!NAMES[@]}"; do
+        printf '%-12s %-40s %s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
+    done
+    for name in cuda_tests sdpa_probe slice; do
+        [[ -s $OUT_DIR/$name.log ]] || continue
+        echo
+        echo "-- $name"
+        if [[ $name == cuda_tests ]]; then
+            grep -E '^(PASSED|FAILED|ERROR|SKIPPED)|^=+ .*(passed|failed|skipped|error)' \
+                "$OUT_DIR/$name.log"
+        else
+            grep -E '^(\||Llama-3-8B slice|Per layer|torch )' "$OUT_DIR/$name.log"
+        fi
+    done
+} | tee "$OUT_DIR/summary.txt"
+
+for result in "${RESULTS[@]}"; do
+    [[ $result == failed* ]] && exit 1
+done
+((STOPPED_NO_CUDA)) && exit 2
+exit 0

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_simpo import compat
 from megatron_simpo.errors import CheckpointError
@@ -31,6 +33,33 @@ from megatron_simpo.model import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_STATE = "run_state.json"
+
+
+def is_extra_state(key: str) -> bool:
+    """Whether a (sharded) state-dict key is a module's ``_extra_state``.
+
+    Transformer Engine's modules (core attention, norms, linears) keep FP8 metadata there. A
+    checkpoint converted from Hugging Face (built with the local spec) has none, and a fresh
+    module's default is right, so it may be absent from a checkpoint -- as Megatron-LM and
+    Megatron-Bridge allow. Every other entry is loaded strictly.
+    """
+    return key.split("/")[0].endswith("_extra_state")
+
+
+def _refuse_missing(ckpt: Path, missing: list[str]) -> None:
+    """Raises on every rank when any rank's model needs entries the checkpoint lacks
+    (collective, so no rank goes on to wait for the others)."""
+    everywhere: list[list[str] | None] = [missing]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everywhere = [None] * dist.get_world_size()
+        dist.all_gather_object(everywhere, missing)
+    names = sorted({k for part in everywhere for k in part or []})
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise CheckpointError(
+            f"--load {ckpt}: the checkpoint has no {shown}, which this model needs "
+            f"({len(names)} missing); check the model config and vocabulary"
+        )
 
 
 def _model_state(model: list) -> dict[str, Any]:
@@ -158,14 +187,26 @@ def load_checkpoint(
             merged, is_loading=True, metadata=compat.OPTIMIZER_CKPT_METADATA
         )
     try:
-        loaded = dist_checkpointing.load(state, str(ckpt))
-    except Exception as e:  # dist_checkpointing raises several types for mismatches
+        # The checkpoint's missing entries ("unexpected" to dist_checkpointing) are left out of
+        # the load and returned; only Transformer Engine's extra state may be among them.
+        loaded, _, absent = dist_checkpointing.load(
+            state, str(ckpt), strict=StrictHandling.RETURN_UNEXPECTED
+        )
+    # Several types for mismatches; torch's CheckpointException derives from BaseException.
+    except (Exception, CheckpointException) as e:
         raise CheckpointError(
             f"--load {ckpt}: the checkpoint does not match this model ({type(e).__name__}: "
             f"{str(e)[:500]}); check the model config and vocabulary"
         ) from e
+    _refuse_missing(ckpt, [k for k in absent if not is_extra_state(k)])
     for key, chunk in zip([k for k in state if k.startswith("model")], model):
-        unwrap(chunk).load_state_dict(loaded[key])
+        result = unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        _refuse_missing(ckpt, [k for k in result.missing_keys if not is_extra_state(k)])
+        if result.unexpected_keys:
+            raise CheckpointError(
+                f"--load {ckpt}: entries {sorted(result.unexpected_keys)[:5]} do not belong to "
+                "this model; check the model config"
+            )
     if resume:
         with _skip_step_when_setting_states(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])

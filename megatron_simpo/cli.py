@@ -28,6 +28,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from megatron_simpo import compat
 from megatron_simpo.config import (
     SECTIONS,
     ModelConfig,
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         # Expected on CPU: Megatron-Core says so once per process and module; not actionable.
         warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
     try:
+        if args.command in ("train", "evaluate", "convert"):  # the commands that run Megatron
+            compat.check_mcore_version()
         if args.command == "convert" and args.direction == "hf-to-mcore":
             from megatron_simpo.convert.hf import hf_to_mcore
 

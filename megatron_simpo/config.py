@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -172,6 +174,11 @@ class ParallelConfig:
     """Timeout of collectives, so a dead rank surfaces as an error instead of a hang."""
 
 
+#: gamma / beta when neither --gamma-beta-ratio nor --simpo-gamma is given: the SimPO
+#: reference code's default (gamma 0.5 at its default beta 2.0). The one definition.
+DEFAULT_GAMMA_BETA_RATIO = 0.25
+
+
 @dataclass
 class LossConfig:
     """The SimPO objective (see ``megatron_simpo/loss.py``)."""
@@ -179,7 +186,8 @@ class LossConfig:
     beta: float = 2.0
     """Reward scale: r = beta * mean response-token log-prob."""
     gamma_beta_ratio: float | None = None
-    """Target margin as gamma / beta (reference-code convention). Default 0.5 if no margin set."""
+    """Target margin as gamma / beta (reference-code convention). If neither this nor
+    --simpo-gamma is set: 0.25, the SimPO code's default (gamma 0.5 at beta 2)."""
     simpo_gamma: float | None = None
     """Absolute target margin gamma (TRL's convention); exclusive with --gamma-beta-ratio."""
     loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
@@ -187,14 +195,20 @@ class LossConfig:
     label_smoothing: float = 0.0
     """Conservative (label-smoothed) sigmoid loss, in [0, 0.5)."""
     sft_weight: float = 0.0
-    """Weight of an NLL term on the chosen response (per-token mean, averaged over pairs)."""
+    """Weight of an NLL term on the chosen responses (TRL's cpo_alpha, the SimPO code's
+    sft_weight); its reduction is --sft-reduction."""
+    sft_reduction: Literal["token", "pair"] = "token"
+    """NLL term of --sft-weight: 'token' pools it over all chosen tokens of the global batch
+    (TRL and the SimPO code; long responses weigh more); 'pair' averages each pair's per-token
+    mean NLL over pairs (every pair weighs the same). Pair weights apply to both."""
 
     @property
     def gamma(self) -> float:
-        """The absolute margin gamma."""
+        """The absolute margin gamma (the only place the default margin is defined)."""
         if self.simpo_gamma is not None:
             return self.simpo_gamma
-        return self.beta * (0.5 if self.gamma_beta_ratio is None else self.gamma_beta_ratio)
+        ratio = self.gamma_beta_ratio
+        return self.beta * (DEFAULT_GAMMA_BETA_RATIO if ratio is None else ratio)
 
 
 @dataclass
@@ -236,7 +250,9 @@ class TrainConfig:
     seed: int = 1234
     """Seed for init, data order and dropout."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Model dtype: 'auto' is bf16 on CUDA, fp32 on CPU. Log-probs are always fp32."""
+    """Model dtype: 'auto' is bf16 on CUDA, fp32 on CPU. Log-probs are always fp32. fp16 uses a
+    dynamic loss scale (from 2**16, halved on overflow; those skipped updates do not count towards
+    --max-skipped-iters)."""
     recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recompute (passed to Megatron-Core's TransformerConfig)."""
     recompute_method: Literal["uniform", "block"] | None = None
@@ -390,7 +406,8 @@ class RunConfig:
                     raise ConfigError(
                         f"{source}: unknown key '{section}.{key}'; known keys: {sorted(known)}"
                     )
-                setattr(target, key, value)
+                hint = field_types(type(target))[key]
+                setattr(target, key, coerce(value, hint, f"{source}: {section}.{key}"))
         return cfg
 
     def validate(self, world_size: int | None = None, training: bool = True) -> None:
@@ -457,7 +474,7 @@ class RunConfig:
         if (t.pack_pairs or t.prefix_sharing) and t.attention_backend == "te":
             # Packed rows need an explicit block mask (megatron_simpo/data/packing.py).
             raise ConfigError(
-                "--pack-pairs / --prefix-sharing need --attention-backend sdpa (or local on CPU)"
+                "--pack-pairs / --prefix-sharing need --attention-backend sdpa or local"
             )
         if m.rope_scaling is not None:
             kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
@@ -486,6 +503,10 @@ class RunConfig:
             raise ConfigError("--label-smoothing applies to --loss-type sigmoid only")
         if lo.beta <= 0:
             raise ConfigError(f"--beta must be positive, got {lo.beta}")
+        if lo.sft_reduction not in ("token", "pair"):
+            raise ConfigError(
+                f"--sft-reduction must be 'token' or 'pair', got {lo.sft_reduction!r}"
+            )
         if lo.sft_weight < 0:
             raise ConfigError(f"--sft-weight must be >= 0, got {lo.sft_weight}")
         if t.keep_last is not None and t.keep_last < 1:
@@ -586,3 +607,77 @@ def field_docs(cls: type) -> dict[str, str]:
 def field_types(cls: type) -> dict[str, Any]:
     """Field name -> resolved type annotation."""
     return typing.get_type_hints(cls)
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` (from YAML or JSON) as the field type ``hint``, or a ConfigError naming ``key``.
+
+    PyYAML reads ``1e-6`` (no dot) as a string: numeric strings become numbers for ``float``
+    fields, integral numbers for ``int`` fields. ``X | None``, ``Literal[...]``, ``bool``,
+    ``str``, ``dict`` and ``list`` are checked; nothing is converted silently otherwise.
+    """
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        number = _number(value)
+        if number is None or number != int(number):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if hint is float:
+        number = _number(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(number)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r} (quote it in YAML)")
+        return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    return value
+
+
+def _number(value: Any) -> float | int | None:
+    """An int/float (not bool) or a string that parses as one; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None

@@ -4,12 +4,15 @@
         --data-path pairs.jsonl --beta 2.0 --gamma-beta-ratio 0.5 --output eval.json \\
         --tensor-model-parallel-size 2
 
-Writes JSON with ``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (chosen
-minus rejected reward, without gamma), ``rewards/accuracies``, ``logps/chosen``,
-``logps/rejected`` (mean log-prob per response token), ``num_pairs`` and ``per_pair`` (a list in
-file order of objects with the same keys, plus ``row``: the pair's 0-based row in the source,
-since invalid rows (with --skip-invalid) and ties are dropped) — TRL's CPO trainer's names and
-meanings.
+Writes JSON with ``loss`` (the SimPO objective over all pairs as one batch: weighted mean, plus
+``--sft-weight`` x ``nll_loss``), ``nll_loss`` (NLL of the chosen responses, ``--sft-reduction``),
+and, over the pairs of positive weight, ``rewards/chosen``, ``rewards/rejected``,
+``rewards/margins`` (chosen minus rejected reward, without gamma), ``rewards/accuracies``,
+``logps/chosen``, ``logps/rejected`` (mean log-prob per response token), ``length/chosen``,
+``length/rejected``; ``num_pairs``; and ``per_pair`` (a list in file order of objects with
+``loss`` (the pair's own unweighted loss), ``nll_loss`` (its chosen per-token mean NLL), the
+metrics above, ``weight``, and ``row``: the pair's 0-based row in the source, since invalid rows
+(with --skip-invalid) and ties are dropped) — TRL's CPO trainer's names and meanings.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_simpo import checkpointing, parallel
-from megatron_simpo.config import RunConfig
+from megatron_simpo.config import LossConfig, RunConfig
 from megatron_simpo.data import Pair, collate, pairs_for, prepare_for_run
+from megatron_simpo.loss import simpo_loss
 from megatron_simpo.model import build_model
 from megatron_simpo.progress import progress
 from megatron_simpo.step import PAIR_KEYS as PER_PAIR_KEYS
-from megatron_simpo.step import run_forward_backward
+from megatron_simpo.step import SCORED_KEYS, loss_kwargs, run_forward_backward, summarize_totals
 
 
 def _pad_to(n: int, multiple: int) -> int:
@@ -93,10 +97,26 @@ def score_pairs(
     return out
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Means over pairs of the per-pair metrics, plus ``num_pairs``."""
-    result = {k: sum(r[k] for r in rows) / len(rows) for k in PER_PAIR_KEYS}
-    result["num_pairs"] = len(rows)
+def summarize(rows: list[dict], loss_cfg: LossConfig) -> dict:
+    """The metrics of the scored pairs as one batch (the training step's definitions):
+    ``loss`` and ``nll_loss`` are the objective and its NLL term over all rows (weighted mean,
+    ``--sft-reduction``; recomputed in float64 from the per-pair log-probs by the same
+    ``simpo_loss``), the other metrics are means over the pairs of positive weight; plus
+    ``num_pairs``."""
+    col = {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in PER_PAIR_KEYS}
+    out = simpo_loss(
+        col["logps/chosen"],
+        col["logps/rejected"],
+        **loss_kwargs(loss_cfg),
+        weights=col["weight"],
+        chosen_tokens=col["length/chosen"],
+    )
+    totals = {"loss": out.losses.sum().item(), "nll_loss": out.nll.sum().item()}
+    scored = col["weight"] > 0
+    totals.update({k: col[k][scored].sum().item() for k in SCORED_KEYS})
+    totals.update(pairs=len(rows), scored_pairs=int(scored.sum()))
+    result = summarize_totals(totals)
+    result["num_pairs"] = result.pop("pairs")
     return result
 
 
@@ -113,7 +133,7 @@ def evaluate(cfg: RunConfig, output: str | None = None) -> dict | None:
     if rows is not None:
         for row, src in zip(rows, pairs.source_rows()):
             row["row"] = src
-        result = {**summarize(rows), "per_pair": rows}
+        result = {**summarize(rows, cfg.loss), "per_pair": rows}
         if output:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text(json.dumps(result, indent=1))

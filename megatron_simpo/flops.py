@@ -20,9 +20,16 @@ counted. SimPO has no reference model, so there is no extra forward pass. Activa
 recomputation re-runs forwards but does not change *model* FLOPs (MFU counts useful work only).
 
 Attention cost grows with each sequence's own length, so the iteration's FLOPs are the sum of
-the per-sequence costs: pass the token count of every sequence of the iteration (chosen and
-rejected rows each count, with their prompt) without padding: padding is computed but is not
-useful work, so MFU excludes it like it excludes recomputation.
+the per-sequence costs over the model's *input* positions (a sequence of ``n`` tokens is
+``n - 1`` inputs: the last token is only a target), without padding: padding is computed but
+is not useful work, so MFU excludes it like it excludes recomputation.
+
+**Prefix sharing** (``--prefix-sharing``) computes the ``q`` shared prompt positions of a pair
+once for both sequences (inputs ``q + c`` and ``q + r``): the dense term counts ``q + c + r``
+tokens, the attention term both sequences' squares less the prompt block computed once,
+``(q + c)^2 + (q + r)^2 - q^2`` (:func:`shared_pair_forward_flops`). Like the square above this
+is model work, not what a masked kernel runs: SDPA / the local attention with an explicit
+packing mask compute the whole ``row x row`` square of a packed row, masked entries included.
 """
 
 from __future__ import annotations
@@ -69,17 +76,56 @@ def forward_flops(model: ModelConfig, seq_len: int, causal: bool = False) -> int
     return dense + attention
 
 
+def shared_pair_forward_flops(
+    model: ModelConfig, prefix: int, chosen: int, rejected: int, causal: bool = False
+) -> int:
+    """Forward FLOPs of one pair whose two sequences share ``prefix`` input positions
+    (``chosen`` / ``rejected``: their other input positions); see the module docstring.
+    With ``prefix == 0`` this is the cost of the two sequences computed apart."""
+    q, c, r = int(prefix), int(chosen), int(rejected)
+    dense = 2 * (q + c + r) * matmul_params(model)
+    square = (q + c) ** 2 + (q + r) ** 2 - q**2
+    attention = model.num_hidden_layers * 2 * 2 * square * model.num_attention_heads
+    attention *= model.head_size
+    if causal:
+        attention //= 2
+    return dense + attention
+
+
 def training_flops(model: ModelConfig, seq_lens: Iterable[int], causal: bool = False) -> int:
     """Model FLOPs of one training iteration: 3x the forward FLOPs of every sequence.
 
     Args:
         model: the model shape.
-        seq_lens: token count (without padding) of each sequence of the iteration, over all
+        seq_lens: input positions (without padding) of each sequence of the iteration, over all
             micro-batches and data-parallel ranks (a pair contributes two sequences:
             prompt+chosen and prompt+rejected).
         causal: count half of the attention square (causal kernels) instead of all of it.
     """
     return 3 * sum(forward_flops(model, s, causal) for s in seq_lens)
+
+
+def pairs_training_flops(
+    model: ModelConfig,
+    chosen_inputs: Iterable[int],
+    rejected_inputs: Iterable[int],
+    shared_prefix: Iterable[int],
+    causal: bool = False,
+) -> int:
+    """Model FLOPs of one training iteration from its pairs: 3x the forward FLOPs of each.
+
+    Args:
+        model: the model shape.
+        chosen_inputs, rejected_inputs: input positions of each pair's two sequences (prompt +
+            response - 1), without padding.
+        shared_prefix: prompt positions of each pair computed once for both (prefix sharing),
+            else 0.
+        causal: as in :func:`training_flops`.
+    """
+    return 3 * sum(
+        shared_pair_forward_flops(model, q, c - q, r - q, causal)
+        for c, r, q in zip(chosen_inputs, rejected_inputs, shared_prefix, strict=True)
+    )
 
 
 def peak_tflops_for(device_name: str, dtype: torch.dtype) -> float | None:

@@ -1,21 +1,27 @@
 """Run metrics: a console line, TensorBoard scalars and ``metrics.jsonl`` (same keys).
 
-Names follow TRL's CPO/SimPO trainer so curves compare: ``loss``, ``rewards/chosen``,
+Names follow TRL's CPO/SimPO trainer so curves compare: ``loss`` (the global-batch objective,
+``megatron_simpo/loss.py``: weighted mean plus ``--sft-weight`` x ``nll_loss``), ``nll_loss``
+(NLL of the chosen responses, ``--sft-reduction``; TRL's ``nll_loss`` with ``token`` and unit
+weights), and, as means over the pairs of positive weight: ``rewards/chosen``,
 ``rewards/rejected``, ``rewards/margins`` (chosen minus rejected reward, without gamma),
 ``rewards/accuracies`` (fraction of pairs with chosen reward > rejected), ``logps/chosen``,
-``logps/rejected`` (mean log-prob per response token). Also: ``length/chosen``,
-``length/rejected`` (mean response tokens), ``lr``, ``grad_norm``, ``pairs`` (pairs in the
-iteration), ``tokens`` (non-padding tokens; chosen and rejected each counted with their prompt),
-``iteration_time`` (s), ``tokens_per_sec``, ``pairs_per_sec``, ``consumed_pairs``,
-``length/chosen_min``, ``length/chosen_max``, ``length/rejected_min``, ``length/rejected_max``
-(over the global batch), ``skipped_iters`` (updates skipped so far for a non-finite loss or
+``logps/rejected`` (mean log-prob per response token), ``length/chosen``, ``length/rejected``
+(mean response tokens). Also: ``lr``, ``grad_norm``, ``pairs`` (pairs in the iteration),
+``tokens`` (non-padding tokens computed: each sequence's prompt + response, a prefix-shared
+prompt once less its last token), ``tokens_effective`` (chosen and rejected each counted with
+their prompt, as the padded layout computes them), ``iteration_time`` (s), ``tokens_per_sec``,
+``tokens_per_sec_effective``, ``pairs_per_sec``, ``consumed_pairs``, ``length/chosen_min``,
+``length/chosen_max``, ``length/rejected_min``, ``length/rejected_max`` (over the global batch's
+pairs of positive weight), ``skipped_iters`` (updates skipped so far for a non-finite loss or
 gradient), ``update_ok`` (1, or 0 for a skipped update), ``memory/peak_gib`` (worst rank: peak
-allocated CUDA memory on GPU, peak RSS on CPU), ``model_flops`` (of the iteration, see
-``flops.py``), ``tflops_per_gpu`` and ``mfu`` (when the peak is known: ``--peak-tflops`` or a
-detected A100/H100/H200). With a held-out set, every ``--eval-interval``: the same SimPO metrics
-with an ``eval/`` prefix and ``eval/num_pairs``; every ``--gen-interval``: the generation
-probe's ``gen/`` metrics (texts go to TensorBoard text ``gen/texts``). Drift alarms go to the log
-and to TensorBoard text ``alarms``; the config is TensorBoard text ``config``.
+allocated CUDA memory on GPU, peak RSS on CPU), ``model_flops`` (of the iteration, what is
+computed, see ``flops.py``), ``tflops_per_gpu`` and ``mfu`` (when the peak is known:
+``--peak-tflops`` or a detected A100/H100/H200), ``loss_scale`` (fp16: the dynamic loss
+scale of the next iteration). With a held-out set, every ``--eval-interval``: the same SimPO
+metrics with an ``eval/`` prefix and ``eval/num_pairs``; every ``--gen-interval``: the
+generation probe's ``gen/`` metrics (texts go to TensorBoard text ``gen/texts``). Drift alarms
+go to the log and to TensorBoard text ``alarms``; the config is TensorBoard text ``config``.
 """
 
 from __future__ import annotations

@@ -9,13 +9,21 @@ sequence-parallel, which the local spec's torch norm does not (TE/apex norms do)
 Without TE the local spec's core attention is SDPA by default (``--attention-backend``,
 :mod:`megatron_simpo.attention`); ``--fused-loss-head`` makes the last stage return hidden states
 for the chunked loss head (:mod:`megatron_simpo.fused_logprobs`).
+
+Everything is built on :func:`model_device` (the current GPU): Megatron allocates its own layers
+there, the norms above are created there, and each chunk is moved there once built as
+Megatron-LM's ``get_model`` does (Megatron's DDP moves parameters only with the distributed
+optimizer, and evaluation has no DDP). Each kernel fusion is switched on only where the
+kernel it calls is importable (:func:`fusion_flags`).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +52,13 @@ _MCORE_LLAMA3_ROPE = {
 }
 
 
+def model_device() -> torch.device:
+    """Where the model lives: the current CUDA device, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` with the constructor Megatron specs call and SP-tagged weight.
 
@@ -54,13 +69,93 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
-        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        # On the model's device from the start, like Megatron's own layers: torch's norms
+        # default to the CPU, and a move that must replace the parameter drops the SP tag.
+        super().__init__(
+            normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype, device=model_device()
+        )
         self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
 
 
 def have_transformer_engine() -> bool:
     """Whether Transformer Engine is importable (it is only used together with CUDA)."""
     return importlib.util.find_spec("transformer_engine") is not None
+
+
+def _importable(module: str) -> bool:
+    """Whether ``import module`` succeeds (a compiled extension may exist yet fail to load)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The fused kernels Megatron-Core's fusion flags call, and whether each is usable here."""
+
+    cuda: bool
+    """A CUDA device is present (every kernel below is CUDA-only)."""
+    fused_softmax: bool
+    """The ``scaled_*masked_softmax_cuda`` extensions (apex or Megatron-LM's fused kernels):
+    ``FusedScaleMaskSoftmax`` imports them for fp16/bf16 scores, the shape check included."""
+    wgrad_accumulation: bool
+    """apex's ``fused_weight_gradient_mlp_cuda``: ``ColumnParallelLinear`` (the output layer in
+    every spec) refuses ``gradient_accumulation_fusion`` without it."""
+    te_rope: bool
+    """Transformer Engine's fused RoPE (``fused_apply_rotary_pos_emb``); TransformerConfig
+    refuses ``apply_rope_fusion`` without it."""
+    compiler: bool
+    """triton, for ``torch.compile`` (Megatron's ``jit_fuser``) of the bias-SwiGLU and
+    bias-dropout-add kernels on the GPU."""
+
+
+def available_kernels() -> Kernels:
+    """Detects the kernels of :class:`Kernels` (nothing is imported without CUDA)."""
+    if not torch.cuda.is_available():
+        return Kernels(
+            cuda=False, fused_softmax=False, wgrad_accumulation=False, te_rope=False, compiler=False
+        )
+    te_rope = False
+    if have_transformer_engine():
+        try:
+            from megatron.core.extensions.transformer_engine import fused_apply_rotary_pos_emb
+        except ImportError:
+            fused_apply_rotary_pos_emb = None
+        te_rope = fused_apply_rotary_pos_emb is not None
+    softmax = ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda")
+    return Kernels(
+        cuda=True,
+        fused_softmax=all(_importable(m) for m in (*softmax, "scaled_softmax_cuda")),
+        wgrad_accumulation=_importable("fused_weight_gradient_mlp_cuda"),
+        te_rope=te_rope,
+        compiler=_importable("triton"),
+    )
+
+
+def fusion_flags(kernels: Kernels, *, explicit_mask: bool) -> dict[str, bool]:
+    """Megatron-Core's fusion flags, each on only where its kernel is usable.
+
+    All are off on the CPU: the kernels are CUDA-only, and ``torch.compile`` of the jit-fused
+    ones costs seconds per shape there (``shared/notes/megatron-core-on-cpu.md``).
+
+    Args:
+        kernels: what is usable (:func:`available_kernels`).
+        explicit_mask: rows carry an explicit attention mask (``--pack-pairs`` /
+            ``--prefix-sharing``): the fused causal softmax would ignore it, and the fused RoPE
+            does not take per-sequence positions.
+    """
+    cuda = kernels.cuda
+    return {
+        "masked_softmax_fusion": cuda and kernels.fused_softmax and not explicit_mask,
+        "gradient_accumulation_fusion": cuda and kernels.wgrad_accumulation,
+        "apply_rope_fusion": cuda and kernels.te_rope and not explicit_mask,
+        "bias_activation_fusion": cuda and kernels.compiler,
+        "bias_dropout_fusion": cuda and kernels.compiler,
+        # Read only by apex's FusedLayerNorm (LayerNorm); these models use RMSNorm.
+        "persist_layer_norm": False,
+    }
 
 
 def model_dtype(cfg: RunConfig) -> torch.dtype:
@@ -76,6 +171,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = model_dtype(cfg)
     cuda = torch.cuda.is_available()
+    fusions = fusion_flags(available_kernels(), explicit_mask=t.pack_pairs or t.prefix_sharing)
     return TransformerConfig(
         num_layers=m.num_hidden_layers,
         hidden_size=m.hidden_size,
@@ -103,13 +199,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         # The loss returns (sum over pairs, pair count, report): gradients are divided by the
         # global pair count, so every layout computes the same update.
         calculate_per_token_loss=True,
-        # Fusions that need apex/TE kernels stay off without them.
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=cuda,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        persist_layer_norm=False,
+        **fusions,
         # gloo: batched p2p gives wrong interleaved-pipeline results (measured); NCCL is fine.
         batch_p2p_comm=cuda,
         use_cpu_initialization=not cuda,
@@ -168,7 +258,7 @@ def rope_inv_freq(cfg: RunConfig) -> torch.Tensor:
 
 
 def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
-    """Builds this rank's model chunks (one per virtual pipeline stage).
+    """Builds this rank's model chunks (one per virtual pipeline stage) on :func:`model_device`.
 
     Must run after :func:`megatron_simpo.parallel.initialize`.
     """
@@ -186,14 +276,15 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
     # With the fused loss head the last stage returns final hidden states; the loss function
     # applies the output layer's weight chunk by chunk (megatron_simpo/fused_logprobs.py).
     model_cls = HiddenStatesGPTModel if cfg.train.fused_loss_head else GPTModel
-    inv_freq = rope_inv_freq(cfg)
+    device = model_device()
+    inv_freq = rope_inv_freq(cfg).to(device)
     vpp = tconf.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         spec: ModuleSpec | TransformerBlockSubmodules = layer_spec
         if final_norm is not None:
-            n = get_num_layers_to_build(tconf, vp_stage=stage)
+            n = get_num_layers_to_build(config=tconf, vp_stage=stage)
             spec = ModuleSpec(
                 module=TransformerBlock,
                 submodules=TransformerBlockSubmodules(
@@ -213,8 +304,12 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
             rotary_base=int(cfg.model.rope_theta),
             vp_stage=stage,
         )
-        rotary = model.rotary_pos_emb
-        rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
+        # As Megatron-LM's get_model does: anything a spec built without a device (torch's
+        # defaults) goes to the GPU here; Megatron's DDP moves parameters only with the
+        # distributed optimizer, and evaluation has no DDP.
+        model.to(device)
+        # A plain attribute, not a buffer: .to() does not move it.
+        model.rotary_pos_emb.inv_freq = inv_freq
         if cfg.train.fused_loss_head:
             model.loss_chunk_size = cfg.train.loss_chunk_size
         chunks.append(model)

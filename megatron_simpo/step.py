@@ -3,8 +3,10 @@
 ``forward_step(data_iterator, model)`` returns ``(output, loss_func)``; on the last pipeline stage
 ``loss_func(output)`` returns ``(loss_sum, num_pairs, report)``. With
 ``calculate_per_token_loss=True`` the schedule sums ``num_pairs`` over micro-batches and
-``finalize_model_grads`` divides the gradients by it after summing it over data-parallel ranks:
-the gradient is that of the mean loss over the *global* batch, whatever the layout.
+``finalize_model_grads`` divides the gradients by it after summing it over data-parallel ranks.
+``loss_sum`` adds up per-pair *contributions* scaled by the global batch's totals (carried by
+every micro-batch, ``loss.batch_totals``), so the gradient is that of the global-batch objective
+(weighted mean, pooled NLL) whatever the layout (``megatron_simpo/loss.py``).
 """
 
 from __future__ import annotations
@@ -33,54 +35,102 @@ from megatron_simpo.model import unwrap
 #: Per-pair SimPO metrics (TRL's names), in ``pair_metrics`` and ``evaluate``'s ``per_pair``.
 PAIR_KEYS = (
     "loss",
+    "nll_loss",
     "rewards/chosen",
     "rewards/rejected",
     "rewards/margins",
     "rewards/accuracies",
     "logps/chosen",
     "logps/rejected",
+    "length/chosen",
+    "length/rejected",
+    "weight",
 )
-#: Summed per micro-batch, then over data-parallel ranks; divided by "pairs" for the means.
-REPORT_KEYS = (*PAIR_KEYS, "length/chosen", "length/rejected", "pairs", "tokens")
+#: Means over the pairs of positive weight (a weight-0 pair is computed but not scored).
+SCORED_KEYS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "length/chosen",
+    "length/rejected",
+)
+#: Summed per micro-batch, then over data-parallel ranks: ``loss`` and ``nll_loss`` are divided
+#: by ``pairs`` (they are contributions, see ``loss.py``), the SCORED_KEYS by ``scored_pairs``.
+REPORT_KEYS = (
+    "loss",
+    "nll_loss",
+    *SCORED_KEYS,
+    "pairs",
+    "scored_pairs",
+    "tokens",
+    "tokens_effective",
+)
+
+
+def loss_kwargs(loss_cfg: LossConfig) -> dict:
+    """The keyword arguments of ``simpo_loss`` that come from the config (the margin is always
+    passed as the absolute ``LossConfig.gamma``, where its default is defined)."""
+    return dict(
+        beta=loss_cfg.beta,
+        simpo_gamma=loss_cfg.gamma,
+        loss_type=loss_cfg.loss_type,
+        label_smoothing=loss_cfg.label_smoothing,
+        sft_weight=loss_cfg.sft_weight,
+        sft_reduction=loss_cfg.sft_reduction,
+    )
 
 
 def pair_metrics(
     loss_cfg: LossConfig, token_logps: torch.Tensor, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SimPO per-pair losses and metrics of a micro-batch from target log-probs ``[rows, s]``
-    (padded: ``2b`` rows, chosen first; packed: ``seq_index`` maps targets to sequences)."""
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO loss and NLL contributions ``[b]`` (``loss.simpo_loss``) and per-pair metrics of a
+    micro-batch from target log-probs ``[rows, s]`` (padded: ``2b`` rows, chosen first; packed:
+    ``seq_index`` maps targets to sequences). ``batch["batch_totals"]`` (the global batch's,
+    from ``PairBatcher``) scales the contributions; without it the micro-batch is the batch."""
     if "seq_index" in batch:  # --pack-pairs / --prefix-sharing (megatron_simpo/data/packing.py)
         num_seqs = 2 * batch["weights"].shape[0]
-        _, mean, _ = packed_sequence_logps(
+        _, mean, count = packed_sequence_logps(
             token_logps, batch["loss_mask"], batch["seq_index"], num_seqs
         )
     else:
-        _, mean, _ = sequence_logps(token_logps, batch["loss_mask"])
+        _, mean, count = sequence_logps(token_logps, batch["loss_mask"])
     b = mean.shape[0] // 2
-    ratio = loss_cfg.gamma_beta_ratio
-    if loss_cfg.simpo_gamma is None and ratio is None:
-        ratio = 0.5
     out = simpo_loss(
         mean[:b],
         mean[b:],
-        beta=loss_cfg.beta,
-        gamma_beta_ratio=ratio,
-        simpo_gamma=loss_cfg.simpo_gamma,
-        loss_type=loss_cfg.loss_type,
-        label_smoothing=loss_cfg.label_smoothing,
-        sft_weight=loss_cfg.sft_weight,
+        **loss_kwargs(loss_cfg),
         weights=batch["weights"],
+        chosen_tokens=count[:b],
+        totals=batch.get("batch_totals"),
     )
     per_pair = {
-        "loss": out.losses.detach(),
+        "loss": out.pair_losses,
+        "nll_loss": -mean[:b].detach(),
         "rewards/chosen": out.chosen_rewards,
         "rewards/rejected": out.rejected_rewards,
         "rewards/margins": out.chosen_rewards - out.rejected_rewards,
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).to(mean.dtype),
         "logps/chosen": mean[:b].detach(),
         "logps/rejected": mean[b:].detach(),
+        "length/chosen": count[:b].detach(),
+        "length/rejected": count[b:].detach(),
+        "weight": batch["weights"].to(mean.dtype),
     }
-    return out.losses, per_pair
+    return out.losses, out.nll, per_pair
+
+
+def token_counts(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, tokens_effective)`` of a micro-batch: the prompt+response tokens of its
+    sequences, less (``tokens``) the prompt tokens that prefix sharing computes once for both
+    sequences of a pair (``shared_prefix``); ``tokens_effective`` counts every prompt twice,
+    as the padded layout computes it."""
+    effective = batch["seq_tokens"].sum().float()
+    shared = batch.get("shared_prefix")
+    computed = effective if shared is None else effective - shared.sum().float()
+    return computed, effective
 
 
 def _loss_func(
@@ -99,18 +149,30 @@ def _loss_func(
             vocab_size=vocab_size,
             group=ps.get_tensor_model_parallel_group(),
         )
-    losses, per_pair = pair_metrics(loss_cfg, token_logps, batch)
-    b = losses.shape[0]
-    lengths, seq_tokens = batch["lengths"].float(), batch["seq_tokens"].float()
-    report = {k: v.sum().float() for k, v in per_pair.items()}
-    report["length/chosen"] = lengths[:b].sum()
-    report["length/rejected"] = lengths[b:].sum()
-    report["pairs"] = torch.tensor(float(b), device=losses.device)
-    report["tokens"] = seq_tokens.sum()
-    # Fresh tensors, never the returned loss itself (the schedule may scale that in place).
-    report["per_pair"] = per_pair  # type: ignore[assignment]
-    num_pairs = torch.tensor(b, dtype=torch.int, device=losses.device)
-    return losses.sum(), num_pairs, report
+    losses, nll, per_pair = pair_metrics(loss_cfg, token_logps, batch)
+    num_pairs = torch.tensor(losses.shape[0], dtype=torch.int, device=losses.device)
+    return losses.sum(), num_pairs, micro_batch_report(losses, nll, per_pair, batch)
+
+
+def micro_batch_report(
+    losses: torch.Tensor,
+    nll: torch.Tensor,
+    per_pair: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+) -> dict:
+    """The sums (REPORT_KEYS) of one micro-batch from :func:`pair_metrics`, plus ``per_pair``.
+
+    Fresh tensors, never the returned loss itself (the schedule may scale that in place).
+    """
+    scored = (per_pair["weight"] > 0).to(losses.dtype)
+    report = {k: (per_pair[k] * scored).sum().float() for k in SCORED_KEYS}
+    report["loss"] = losses.detach().sum().float()
+    report["nll_loss"] = nll.sum().float()
+    report["pairs"] = torch.tensor(float(losses.shape[0]), device=losses.device)
+    report["scored_pairs"] = scored.sum().float()
+    report["tokens"], report["tokens_effective"] = token_counts(batch)
+    report["per_pair"] = per_pair
+    return report
 
 
 def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
@@ -167,7 +229,9 @@ def run_forward_backward(
 
 def reduce_reports(reports: list[dict]) -> dict[str, float]:
     """Sums reports over micro-batches and data-parallel ranks; broadcasts from the last pipeline
-    stage so every rank returns the same means (``pairs`` and ``tokens`` stay totals)."""
+    stage so every rank returns the same values: ``loss`` and ``nll_loss`` (the global-batch
+    objective and its NLL term), means of the SCORED_KEYS over the pairs of positive weight (NaN
+    when there is none), and the totals ``pairs``, ``tokens``, ``tokens_effective``."""
     vec = torch.zeros(len(REPORT_KEYS), dtype=torch.float64)
     for r in reports:
         vec += torch.stack([r[k].detach().double().cpu() for k in REPORT_KEYS])
@@ -177,8 +241,16 @@ def reduce_reports(reports: list[dict]) -> dict[str, float]:
     pp_group = ps.get_pipeline_model_parallel_group()
     dist.broadcast(vec, src=ps.get_pipeline_model_parallel_last_rank(), group=pp_group)
     totals = dict(zip(REPORT_KEYS, vec.tolist()))
-    pairs = max(totals["pairs"], 1.0)
-    return {k: (v if k in ("pairs", "tokens") else v / pairs) for k, v in totals.items()}
+    return summarize_totals(totals)
+
+
+def summarize_totals(totals: dict[str, float]) -> dict[str, float]:
+    """Metrics from summed reports (REPORT_KEYS): see :func:`reduce_reports`."""
+    pairs, scored = totals["pairs"], totals.pop("scored_pairs")
+    out = {k: totals[k] / pairs if pairs else 0.0 for k in ("loss", "nll_loss")}
+    out.update({k: totals[k] / scored if scored else float("nan") for k in SCORED_KEYS})
+    out.update({k: totals[k] for k in ("pairs", "tokens", "tokens_effective") if k in totals})
+    return out
 
 
 def train_step(
@@ -191,7 +263,8 @@ def train_step(
     vocab_size: int,
     after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Forward, backward, optimizer step; returns the reduced metrics, ``grad_norm``, ``lr``.
+    """Forward, backward, optimizer step; returns the reduced metrics, ``grad_norm``, ``lr``,
+    ``update_ok`` and, with fp16's dynamic loss scaling, ``loss_scale``.
 
     ``after_backward`` runs once gradients are final (reduced over DP, divided by the global
     pair count) and before the optimizer touches them (tests use it to export gradients).
@@ -206,15 +279,26 @@ def train_step(
     lr = optimizer.param_groups[0]["lr"]
     update_ok, grad_norm = False, None
     # A non-finite loss or gradient must never reach the weights (or Adam's moments): skip the
-    # update. Megatron-Core's own check covers only fp16 loss scaling.
-    if math.isfinite(metrics["loss"]) and grads_are_finite(model):
+    # update. Megatron-Core's own check covers only fp16 loss scaling; there the optimizer must
+    # see the overflow itself (it skips the update and lowers the loss scale).
+    scaled = uses_loss_scaling(optimizer)
+    if math.isfinite(metrics["loss"]) and (scaled or grads_are_finite(model)):
         update_ok, grad_norm, _ = optimizer.step()
         if update_ok:
             scheduler.step(increment=1)
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["lr"] = lr
     metrics["update_ok"] = float(bool(update_ok))
+    if scaled:  # after the step: the scale the next iteration uses
+        metrics["loss_scale"] = float(optimizer.get_loss_scale())
     return metrics
+
+
+def uses_loss_scaling(optimizer) -> bool:
+    """Whether the Megatron optimizer (or one of a chained optimizer's parts) scales the loss
+    dynamically (fp16) and so checks the gradients for overflow itself."""
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return any(getattr(p, "grad_scaler", None) is not None for p in parts)
 
 
 def grads_are_finite(model: list) -> bool:

@@ -11,6 +11,7 @@ Run (CPU, gloo; the same command runs on CUDA/NCCL)::
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import signal
@@ -45,8 +46,29 @@ def is_logging_rank() -> bool:
     )
 
 
+#: fp16's first dynamic loss scale. torch.amp's default: from Megatron's 2**32 the scale needs
+#: about 20 overflowing (skipped) iterations to come down to what fp16 gradients fit.
+FP16_INITIAL_LOSS_SCALE = 2.0**16
+#: fp16's smallest loss scale (Megatron's default).
+FP16_MIN_LOSS_SCALE = 1.0
+
+
+def is_loss_scale_search(metrics: dict[str, float]) -> bool:
+    """Whether a skipped update was fp16's dynamic loss scaler at work: the loss is finite, the
+    scaled gradients overflowed, and the scale (now lowered) is still above its minimum. Such
+    skips are counted but do not count towards ``--max-skipped-iters``; once the scale is at its
+    minimum they do (the gradients are then non-finite whatever the scale)."""
+    scale = metrics.get("loss_scale")
+    return scale is not None and scale > FP16_MIN_LOSS_SCALE and math.isfinite(metrics["loss"])
+
+
 def build_optimizer(cfg: RunConfig, model: list):
-    """Megatron-Core optimizer (AdamW; distributed if configured) and LR scheduler."""
+    """Megatron-Core optimizer (AdamW; distributed if configured) and LR scheduler.
+
+    The schedules multiply each loss by ``config.grad_scale_func`` before backward; with fp16 the
+    optimizer divides the gradients by its dynamic loss scale, so the chunks' configs get the
+    optimizer's ``scale_loss`` (as Megatron-LM does). With fp32/bf16 the scale is 1.
+    """
     o, t = cfg.optim, cfg.train
     dtype = model_dtype(cfg)
     opt_cfg = OptimizerConfig(
@@ -61,9 +83,13 @@ def build_optimizer(cfg: RunConfig, model: list):
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         params_dtype=dtype,
+        initial_loss_scale=FP16_INITIAL_LOSS_SCALE,
+        min_loss_scale=FP16_MIN_LOSS_SCALE,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_cfg, model)
+    optimizer = get_megatron_optimizer(config=opt_cfg, model_chunks=model)
+    for chunk in model:
+        chunk.config.grad_scale_func = optimizer.scale_loss
     decay_iters = max(t.train_iters, o.lr_warmup_iters + 1)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -163,6 +189,15 @@ class Trainer:
         self.consumed_pairs += self.cfg.train.global_batch_size
         if metrics["update_ok"]:
             self._skipped_in_a_row = 0
+        elif is_loss_scale_search(metrics):
+            self.skipped_iters += 1
+            if dist.get_rank() == 0:
+                print(
+                    f"iteration {self.iteration}: update skipped, fp16 gradients overflowed; "
+                    f"loss scale now {metrics['loss_scale']:g} ({self.skipped_iters} skipped in "
+                    "total)",
+                    flush=True,
+                )
         else:
             self.skipped_iters += 1
             self._skipped_in_a_row += 1
@@ -187,6 +222,7 @@ class Trainer:
         metrics.update(
             iteration_time=dt,
             tokens_per_sec=metrics["tokens"] / dt,
+            tokens_per_sec_effective=metrics["tokens_effective"] / dt,
             pairs_per_sec=metrics["pairs"] / dt,
             consumed_pairs=float(self.consumed_pairs),
         )
@@ -195,17 +231,24 @@ class Trainer:
 
     def _throughput_and_memory(self, micro_batches: list[dict], seconds: float) -> dict:
         """Min/max response lengths, peak memory (worst rank), model TFLOP/s per device and MFU
-        (see ``flops.py``; useful work only: each sequence's real tokens, no padding)."""
+        (see ``flops.py``; the work actually computed: each sequence's input positions, a
+        prefix-shared prompt once, no padding)."""
         lengths = torch.cat([mb["lengths"].view(2, -1) for mb in micro_batches], dim=1).float()
-        seq_lens = torch.cat([mb["seq_tokens"] for mb in micro_batches]).tolist()
-        local_flops = flops.training_flops(self.cfg.model, [n for n in seq_lens if n > 0])
-        # Padding rows (lengths 0) never hold a pair, but guard the min anyway.
-        real = lengths > 0
+        inputs = torch.cat([mb["seq_tokens"].view(2, -1) - 1 for mb in micro_batches], dim=1)
+        no_sharing = [torch.zeros_like(mb["weights"], dtype=torch.long) for mb in micro_batches]
+        shared = torch.cat([mb.get("shared_prefix", z) for mb, z in zip(micro_batches, no_sharing)])
+        local_flops = flops.pairs_training_flops(
+            self.cfg.model, inputs[0].tolist(), inputs[1].tolist(), shared.tolist()
+        )
+        # Over the scored pairs (positive weight), like the mean lengths; padding rows
+        # (lengths 0) never hold a pair, but guard anyway.
+        weights = torch.cat([mb["weights"] for mb in micro_batches])
+        real = (lengths > 0) & (weights > 0)
         big = torch.tensor(float("inf"))
         extremes = torch.stack(
             [
-                lengths[0].max(),
-                lengths[1].max(),
+                torch.where(real[0], lengths[0], -big).max(),
+                torch.where(real[1], lengths[1], -big).max(),
                 -torch.where(real[0], lengths[0], big).min(),
                 -torch.where(real[1], lengths[1], big).min(),
                 torch.tensor(peak_memory_gib()),
@@ -240,7 +283,7 @@ class Trainer:
             n = min(len(pairs), self.cfg.logging.eval_iters * self.cfg.train.global_batch_size)
             pairs = Subset(pairs, list(range(n)))
         rows = score_pairs(self.model, self.cfg, pairs)
-        return {f"eval/{k}": v for k, v in summarize(rows).items()} if rows else {}
+        return {f"eval/{k}": v for k, v in summarize(rows, self.cfg.loss).items()} if rows else {}
 
     def generation_probe(self) -> tuple[dict[str, float], list[str]]:
         """Greedy continuations of the first ``--gen-prompts`` held-out prompts by the policy
@@ -382,22 +425,48 @@ class Trainer:
         return self.cfg.train.slurm_requeue and stopped
 
     def requeue(self) -> None:
-        """``scontrol requeue $SLURM_JOB_ID`` from rank 0, once the stop checkpoint is written."""
+        """``scontrol requeue $SLURM_JOB_ID`` from rank 0, once the stop checkpoint is written.
+
+        Never fails the (already checkpointed) run: inside a container (pyxis/enroot) the job
+        step usually has no ``scontrol``, or it may be refused. Then one message says so, the
+        process exits 0, and the job id is written to ``$MEGATRON_SIMPO_REQUEUE_FILE`` when set:
+        the batch script, which runs outside the container, requeues the job after the step
+        (``slurm/common.sh``). Without it, Slurm's own ``--requeue`` (preemption) or a
+        resubmission of the same command continues the run.
+        """
         job = os.environ.get("SLURM_JOB_ID")
         if dist.get_rank() != 0:
             return
         if not job:
             print("--slurm-requeue: no SLURM_JOB_ID (not under Slurm); not requeued", flush=True)
             return
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        if done.returncode == 0:
-            print(
-                f"requeued Slurm job {job}: it resumes from --save when it starts again", flush=True
+        try:
+            done = subprocess.run(
+                ["scontrol", "requeue", job], capture_output=True, text=True, timeout=120
             )
+        except FileNotFoundError:
+            problem = "scontrol not found in this environment (inside a container?)"
+        except (OSError, subprocess.SubprocessError) as e:
+            problem = f"scontrol requeue {job} could not run ({type(e).__name__}: {e})"
         else:
-            print(
-                f"--slurm-requeue: scontrol requeue {job} failed: {done.stderr.strip()}", flush=True
+            if done.returncode == 0:
+                print(
+                    f"requeued Slurm job {job}: it resumes from --save when it starts again",
+                    flush=True,
+                )
+                return
+            problem = f"scontrol requeue {job} failed: {done.stderr.strip()}"
+        marker = os.environ.get("MEGATRON_SIMPO_REQUEUE_FILE")
+        if marker:
+            with open(marker, "w") as f:
+                f.write(job)
+            then = f"the batch script requeues job {job} after this step ({marker})"
+        else:
+            then = (
+                "relying on Slurm's own --requeue (preemption) or a resubmission of the same "
+                "command, which resumes from --save"
             )
+        print(f"megatron-simpo: --slurm-requeue: {problem}; {then}", flush=True)
 
 
 def _gen_line(iteration: int, m: dict[str, float], texts: list[str]) -> str:

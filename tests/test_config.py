@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -104,7 +105,82 @@ def test_flags_override_yaml(tmp_path):
     assert cfg.train.train_iters == 4  # flag wins
     assert cfg.train.micro_batch_size == 3  # file value kept
     assert cfg.loss.beta == 5.0
-    assert cfg.loss.gamma == 2.5  # default gamma_beta_ratio 0.5
+    assert cfg.loss.gamma == 1.25  # default gamma_beta_ratio 0.25
+
+
+def test_default_margin_is_the_simpo_code_default_defined_once():
+    from megatron_simpo.config import DEFAULT_GAMMA_BETA_RATIO, LossConfig
+
+    # The SimPO reference code's default (beta 2.0, gamma_beta_ratio 0.25): gamma 0.5.
+    assert DEFAULT_GAMMA_BETA_RATIO == 0.25
+    assert LossConfig().gamma == 0.5
+    assert LossConfig(beta=10.0, gamma_beta_ratio=0.3).gamma == pytest.approx(3.0)
+    assert LossConfig(beta=10.0, simpo_gamma=1.5).gamma == 1.5
+    # --help says the same number as the code.
+    assert "0.25" in field_docs(LossConfig)["gamma_beta_ratio"]
+
+
+def test_default_margin_reaches_the_loss():
+    """The step's loss uses LossConfig.gamma (no second default): margin gamma -> log 2."""
+    import math
+
+    import torch
+
+    from megatron_simpo.config import LossConfig
+    from megatron_simpo.step import pair_metrics
+
+    cfg = LossConfig(beta=2.0)
+    # One pair, chosen and rejected 2 response tokens each, mean log-probs -1.0 and -1.25:
+    # reward margin 2 * 0.25 = 0.5 = gamma, so the sigmoid loss is log 2.
+    token_logps = torch.tensor([[0.0, -0.5, -1.5], [0.0, -1.0, -1.5]], dtype=torch.float64)
+    batch = {
+        "loss_mask": torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]]),
+        "weights": torch.tensor([1.0]),
+    }
+    losses, _, per_pair = pair_metrics(cfg, token_logps, batch)
+    assert per_pair["rewards/margins"].item() == pytest.approx(0.5, abs=1e-15)
+    assert losses.item() == pytest.approx(math.log(2), abs=1e-15)
+
+
+def test_yaml_numbers_are_coerced_to_the_field_type(tmp_path):
+    f = tmp_path / "c.yaml"
+    # PyYAML reads 1e-6 and 3e-7 (no dot) as strings.
+    f.write_text(
+        "optim:\n  lr: 1e-6\n  min_lr: 3e-7\n  lr_warmup_iters: 5\n"
+        "loss:\n  beta: 2\n  gamma_beta_ratio: 5e-1\n"
+        "train:\n  global_batch_size: 1e2\n  load: null\n"
+    )
+    cfg = parse(["--config", str(f)])
+    assert cfg.optim.lr == 1e-6 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.min_lr == 3e-7 and cfg.optim.lr_warmup_iters == 5
+    assert cfg.loss.beta == 2.0 and isinstance(cfg.loss.beta, float)
+    assert cfg.loss.gamma_beta_ratio == 0.5
+    assert cfg.train.global_batch_size == 100 and isinstance(cfg.train.global_batch_size, int)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("optim:\n  lr: fast\n", "optim.lr: expected a number, got 'fast'"),
+        ("train:\n  micro_batch_size: 2.5\n", "train.micro_batch_size: expected an integer"),
+        ("train:\n  prefix_sharing: maybe\n", "train.prefix_sharing: expected true or false"),
+        ("train:\n  precision: fp64\n", "train.precision: expected one of"),
+        ("loss:\n  sft_reduction: mean\n", "loss.sft_reduction: expected one of"),
+        ("data:\n  data_path: [a, b]\n", "data.data_path: expected a string"),
+        ("model:\n  rope_scaling: 8\n", "model.rope_scaling: expected a mapping"),
+        ("model:\n  num_key_value_heads: two\n", "model.num_key_value_heads: expected an int"),
+    ],
+)
+def test_yaml_type_errors_name_the_file_and_key(tmp_path, text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=rf"c\.yaml: {re.escape(message)}"):
+        parse(["--config", str(f)])
+
+
+def test_sft_reduction_flag():
+    assert RunConfig().loss.sft_reduction == "token"  # TRL's and the SimPO code's pooling
+    assert parse(["--sft-reduction", "pair"]).loss.sft_reduction == "pair"
 
 
 def test_yaml_unknown_key_names_file_and_key(tmp_path):

@@ -68,3 +68,39 @@ def test_inactive_when_imported_only():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert out.stdout.split() == ["False", "torch.FloatTensor"]
+
+
+def test_package_import_installs_the_triton_finder_only():
+    # `import megatron_simpo` must precede Megatron-Core (0.18+ imports triton from its own
+    # package import), yet stay cheap: the finder is installed, nothing is imported for it.
+    code = (
+        "import sys, megatron_simpo; "
+        "from megatron_simpo.platform import triton_stand_ins as t; "
+        "print(t._FINDER in sys.meta_path, 'torch' in sys.modules, 'megatron.core' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.stdout.split() == ["True", "False", "False"], out.stderr[-2000:]
+
+
+def test_megatron_core_imports_after_megatron_simpo():
+    # What `convert` and the demo do first; on 0.18+ without triton this needs the stand-ins.
+    code = (
+        "import sys, megatron_simpo, megatron.core, megatron.core.pipeline_parallel.schedules; "
+        "from megatron_simpo.platform import triton_stand_ins as t; "
+        "print(sorted(n for n in t.TRITON_ONLY_MODULES "
+        "if n in sys.modules and t.is_stand_in(sys.modules[n])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    major_minor = tuple(int(x) for x in version("megatron-core").split(".")[:2])
+    # Only the module that imports triton unguarded is replaced: 0.19's ops/paged_stash.py
+    # (0.19's moe/paged_stash.py is real code over it); none before 0.18.
+    expected = {(0, 19): ["megatron.core.transformer.moe.ops.paged_stash"]}
+    if major_minor < (0, 18):
+        assert out.stdout.strip() == "[]"
+    elif major_minor in expected:
+        assert eval(out.stdout.strip()) == expected[major_minor]

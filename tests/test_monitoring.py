@@ -17,13 +17,17 @@ from conftest import run_gloo
 
 from megatron_simpo.alarms import DriftMonitor
 from megatron_simpo.config import LoggingConfig, ModelConfig
+from megatron_simpo.data import Pair
+from megatron_simpo.data.packing import attention_mask_from, collate_packed, per_sequence_rope
 from megatron_simpo.errors import DataError
 from megatron_simpo.flops import (
     detect_peak_tflops,
     forward_flops,
     matmul_params,
     mfu,
+    pairs_training_flops,
     peak_tflops_for,
+    shared_pair_forward_flops,
     tflops_per_gpu,
     training_flops,
 )
@@ -68,6 +72,9 @@ FLOP_MODELS = {
     ),
 }
 SEQ_LENS = [7, 13, 20]  # different lengths: attention cost is per sequence, not per batch
+#: A pair for prefix sharing: prompt of 6 tokens (5 shared input positions), chosen 4, rejected 7.
+SHARED_PAIR = Pair(tuple(range(3, 9)), (9, 10, 11, 12), (13, 14, 15, 16, 17, 18, 19))
+SHARED_INPUTS = (5, 4, 7)  # shared prompt positions, chosen and rejected branch positions
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -103,6 +110,15 @@ def _count_flops_worker(rank, world, out_path):
             "total": counter.get_total_flops(),
             "ops": {str(k): v for k, v in counter.get_flop_counts()["Global"].items()},
         }
+        # One prefix-shared row [P[:-1] | P[-1] C[:-1] | P[-1] R[:-1]], with its packing mask
+        # and per-sequence RoPE, as --prefix-sharing runs it.
+        mb = collate_packed([SHARED_PAIR], capacity=64, prefix_sharing=True, pack=False)
+        mask = attention_mask_from(mb["segment_ids"], mb["branch_ids"])
+        with FlopCounterMode(display=False) as counter:
+            with per_sequence_rope(model, mb["position_ids"]):
+                logits = model(mb["tokens"], mb["position_ids"], mask)
+            logits.float().square().mean().backward()
+        counts[name]["shared"] = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
         parallel.destroy_model_parallel()
     Path(out_path).write_text(json.dumps(counts))
 
@@ -125,6 +141,71 @@ def test_training_flops_equal_torch_flop_counter_on_the_megatron_model(tmp_path)
         attention = counted["ops"].get("aten.bmm", 0) + counted["ops"].get("aten.baddbmm", 0)
         dense = 3 * 2 * sum(SEQ_LENS) * matmul_params(model_cfg)
         assert attention == training_flops(model_cfg, SEQ_LENS) - dense > 0
+        # Prefix sharing: the dense work is that of the prompt once plus both branches, exactly
+        # the formula's dense term; the masked kernel computes the whole row x row square, the
+        # formula counts the two sequences' squares less the shared prompt block (module
+        # docstring of flops.py), which is less than the row square and more than either alone.
+        shared = counted["shared"]
+        q, c, r = SHARED_INPUTS
+        formula = pairs_training_flops(model_cfg, [q + c], [q + r], [q])
+        shared_dense = 3 * 2 * (q + c + r) * matmul_params(model_cfg)
+        assert shared["aten.mm"] == shared_dense
+        kernel_square = shared["aten.bmm"] + shared["aten.baddbmm"]
+        per_entry = 3 * model_cfg.num_hidden_layers * 4 * model_cfg.num_attention_heads
+        per_entry *= model_cfg.head_size
+        assert kernel_square == per_entry * (q + c + r) ** 2
+        assert formula - shared_dense == per_entry * ((q + c) ** 2 + (q + r) ** 2 - q**2)
+        assert formula < training_flops(model_cfg, [q + c, q + r])  # what the padded path costs
+
+
+def test_shared_pair_flops_without_a_prefix_are_two_sequences():
+    m = FLOP_MODELS["gqa_untied"]
+    assert shared_pair_forward_flops(m, 0, 9, 4) == forward_flops(m, 9) + forward_flops(m, 4)
+    # q = 5 shared positions, branches of 4 and 7: dense over 16 tokens; attention squares
+    # 9^2 + 12^2 - 5^2 = 200 (vs 81 + 144 = 225 unshared), per layer 2 (QK^T, AV) * 2 FLOPs
+    # * heads * head_dim.
+    params = matmul_params(m)
+    want = 2 * 16 * params + 2 * 2 * 2 * 200 * 6 * 24
+    assert shared_pair_forward_flops(m, 5, 4, 7) == want
+    assert pairs_training_flops(m, [9, 7], [12, 3], [5, 0]) == 3 * (
+        want + forward_flops(m, 7) + forward_flops(m, 3)
+    )
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_prefix_shared_token_counts_are_what_is_computed(pack):
+    """``tokens`` counts the prompt once per prefix-shared pair; ``tokens_effective`` counts it
+    for both sequences, as the padded layout computes them."""
+    from megatron_simpo.data import collate
+    from megatron_simpo.step import token_counts
+
+    rng = np.random.default_rng(8)
+    pairs = [
+        Pair(
+            tuple(rng.integers(3, 30, rng.integers(1, 9))),
+            tuple(rng.integers(3, 30, rng.integers(1, 7))),
+            tuple(rng.integers(3, 30, rng.integers(1, 7))),
+        )
+        for _ in range(7)
+    ]
+    pairs.append(Pair(tuple(range(3, 17)), (3,) * 9, (4,) * 8))  # too long to share a row
+    mb = collate_packed(pairs, capacity=24, prefix_sharing=True, pack=pack)
+    padded = collate(pairs, 30)
+    tokens, effective = (x.item() for x in token_counts(mb))
+    assert effective == token_counts(padded)[0].item() == token_counts(padded)[1].item()
+    assert effective == sum(
+        2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs
+    )
+    # The rows hold exactly the computed input positions: each sequence's tokens but its last
+    # (one per sequence, 2 per pair), the shared prompt positions once.
+    assert tokens - 2 * len(pairs) == int((mb["segment_ids"] > 0).sum())
+    shared = mb["shared_prefix"].tolist()
+    if pack:  # the long pair does not fit one row of 24: split into plain sequences
+        assert shared[-1] == 0
+    else:
+        assert shared[-1] == len(pairs[-1].prompt_ids) - 1
+    assert shared[:-1] == [len(p.prompt_ids) - 1 for p in pairs[:-1]]
+    assert tokens < effective
 
 
 def test_flop_formula_terms():

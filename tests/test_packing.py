@@ -224,8 +224,11 @@ def _model_worker(rank, world):
             if "pipeline_model_parallel_size" not in overrides:  # PP: fixed shapes, may pad more
                 assert tokens < ref_tokens, (name, mode, tokens, ref_tokens)
             assert got["pairs"] == ref["pairs"] == 8
-            for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "tokens"):
+            keys = ("loss", "nll_loss", "rewards/margins", "logps/chosen", "logps/rejected")
+            for key in (*keys, "tokens_effective"):
                 assert abs(got[key] - ref[key]) <= LOGP_ATOL, (name, mode, key, got, ref)
+            # Prefix sharing computes each prompt once (less its last token): fewer tokens.
+            assert (got["tokens"] < ref["tokens"]) == ("prefix" in mode), (name, mode)
             for key, want in ref_pp.items():  # per pair, this rank's pairs (last stage)
                 err = (got_pp[key] - want).abs().max().item()
                 assert err <= LOGP_ATOL, (name, mode, key, err)
@@ -261,4 +264,10 @@ def test_cli_flags_reach_the_trainer(tmp_path):
     padded = run("padded")
     shared = run("shared", "--pack-pairs", "--prefix-sharing")
     for a, b in zip(padded, shared):
-        assert abs(a["loss"] - b["loss"]) < 2e-6 and a["tokens"] == b["tokens"]
+        assert abs(a["loss"] - b["loss"]) < 2e-6
+        # Honest throughput: the shared run computes each prompt once (tiny_pretok: prompts of
+        # 5 tokens, 4 computed once, 16 pairs per iteration); the unshared count keeps its name.
+        assert a["tokens"] == a["tokens_effective"] == b["tokens_effective"]
+        assert b["tokens"] == a["tokens"] - 16 * 4
+        assert b["model_flops"] < a["model_flops"]
+        assert b["tokens_per_sec"] == pytest.approx(b["tokens"] / b["iteration_time"])

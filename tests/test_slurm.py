@@ -241,6 +241,21 @@ def test_tiny_cpu_job_runs_on_two_nodes(preempted_run):
     assert all(isinstance(r["loss"], float) for r in rows)
 
 
+def test_data_is_prepared_once_in_its_own_step(preempted_run):
+    """The prepare step wrote RUN_DIR/data/{train,heldout} in the first start (before the
+    training step), and the requeued start reused them instead of preparing again."""
+    run_dir, job = preempted_run["run_dir"], preempted_run["job"]
+    out = (run_dir / f"slurm-{job}.out").read_text()
+    for name, source in (("train", "train.jsonl"), ("heldout", "heldout.jsonl")):
+        info = json.loads((run_dir / "data" / name / "prepared.json").read_text())
+        assert info["data_path"].endswith(f"examples/tiny/{source}"), info
+        assert info["options"]["max_length"] == 32 and info["summary"]["kept"] > 0, info
+        assert out.count(f"preparing {info['data_path']} into {run_dir}/data/{name}") == 1, out
+        assert out.count(f"data already prepared: {run_dir}/data/{name}") == 1, out
+    first = out.index("preparing ")
+    assert first < out.index("logs: "), out  # before the training step starts
+
+
 def test_preempted_job_checkpoints_requeues_and_resumes(preempted_run):
     """SIGUSR1 (scancel --signal=USR1): the agents survive (megatron_simpo.launch), every rank
     stops at an iteration boundary after checkpointing, rank 0 requeues the job, and the second
@@ -265,6 +280,86 @@ def test_preempted_job_checkpoints_requeues_and_resumes(preempted_run):
     assert re.search(rf"iter {TRAIN_ITERS}/{TRAIN_ITERS} ", second), logs
 
 
+IMAGE = "nvcr.io#nvidia/pytorch:25.09-py3"
+
+
+def _fake_cluster(tmp_path: Path) -> tuple[Path, Path]:
+    """Stand-ins for ``srun`` (each call's arguments, one per line, and whether the venv was
+    active, into ``calls/NNN``; the training step asks for a requeue when ``FAKE_ASK_REQUEUE``
+    is set, as a trainer without scontrol does) and ``scontrol`` (four hostnames; ``requeue``
+    recorded), and a venv whose ``activate`` marks itself active. Returns (bin, calls)."""
+    bin_dir, calls, venv = tmp_path / "bin", tmp_path / "calls", tmp_path / "venv" / "bin"
+    for d in (bin_dir, calls, venv):
+        d.mkdir(parents=True)
+    (venv / "activate").write_text("export FAKE_VENV_ACTIVE=1\n")
+    srun = f"""n=$(ls {calls} | wc -l)
+{{ echo "venv=${{FAKE_VENV_ACTIVE:-0}}"; printf "%s\\n" "$@"; }} > {calls}/$(printf %03d "$n")
+if [[ -n ${{FAKE_ASK_REQUEUE:-}} && " $* " == *" megatron_simpo.launch "* ]]; then
+    echo -n "$SLURM_JOB_ID" > "$MEGATRON_SIMPO_REQUEUE_FILE"
+fi"""
+    _stand_in(bin_dir, "srun", srun)
+    scontrol = f"""[[ "$1 $2" == "show hostnames" ]] && printf "gpu%s\\n" 1 2 3 4
+[[ "$1" == requeue ]] && echo "$@" > {tmp_path}/requeued
+exit 0"""
+    _stand_in(bin_dir, "scontrol", scontrol)
+    return bin_dir, calls
+
+
+def _srun_calls(calls: Path) -> list[tuple[bool, list[str]]]:
+    """(venv active, srun arguments) of each call, in order."""
+    out = []
+    for f in sorted(calls.iterdir()):
+        first, *argv = f.read_text().splitlines()
+        out.append((first == "venv=1", argv))
+    return out
+
+
+def _run_script(tmp_path: Path, script: str, env: dict[str, str], container: bool):
+    bin_dir, calls = _fake_cluster(tmp_path)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "REPO": str(REPO),
+        "VENV": str(tmp_path / ("no-venv" if container else "venv")),
+        "RUN_DIR": str(tmp_path / "run"),
+        "SLURM_JOB_ID": "42",
+        "SLURM_CPUS_PER_TASK": "7",
+        **env,
+    }
+    env.pop("FAKE_VENV_ACTIVE", None)
+    if container:
+        env["CONTAINER_IMAGE"] = IMAGE
+    else:
+        env.pop("CONTAINER_IMAGE", None)
+    done = subprocess.run(
+        ["bash", str(REPO / "slurm" / script)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return _srun_calls(calls), done.stdout
+
+
+def _check_step_environment(steps, container: bool, mounted: list[Path]) -> None:
+    """Every step: --cpus-per-task given explicitly (Slurm 22.05-23.02 do not pass it on), and
+    either the venv active or the container flags (and no venv)."""
+    assert steps
+    for venv_active, argv in steps:
+        opts = argv[: argv.index("python")]
+        assert "--cpus-per-task=7" in opts, argv
+        flags = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in opts if "=" in o}
+        if container:
+            assert not venv_active, argv
+            assert flags["--container-image"] == IMAGE, argv
+            assert flags["--container-workdir"] == str(REPO), argv
+            assert flags["--container-name"] == "megatron-simpo-42", argv
+            mounts = flags["--container-mounts"].split(",")
+            for path in mounted:
+                real = str(path.resolve())
+                assert any(real == m or real.startswith(m + "/") for m in mounts), (path, mounts)
+        else:
+            assert venv_active and not any(o.startswith("--container") for o in opts), argv
+
+
+@pytest.mark.parametrize("container", [False, True], ids=["venv", "container"])
 @pytest.mark.parametrize(
     "script, preset, nodes, layout",
     [
@@ -272,10 +367,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(preempted_run):
         ("simpo_llama3_70b.sbatch", "llama3-70b", 4, (8, 4, 1)),
     ],
 )
-def test_gpu_scripts_give_a_valid_run(tmp_path, script, preset, nodes, layout):
-    """The 8B and 70B scripts, run by bash with stand-ins for srun/scontrol (no GPUs here): the
-    command they launch parses, and validates at their world size with the real model config,
-    in the documented TP x PP x DP layout; rendezvous on the first node."""
+def test_gpu_scripts_give_a_valid_run(tmp_path, script, preset, nodes, layout, container):
+    """The 8B and 70B scripts, run by bash with stand-ins for srun/scontrol (no GPUs here), in a
+    venv or in a container (CONTAINER_IMAGE): a prepare step, then a training command that
+    parses and validates at their world size with the real model config, in the documented
+    TP x PP x DP layout, on the prepared data with the same truncation; rendezvous on the first
+    node; every step in the chosen environment."""
     from dataclasses import asdict
 
     from megatron_simpo.cli import build_parser, config_from_args
@@ -284,39 +381,35 @@ def test_gpu_scripts_give_a_valid_run(tmp_path, script, preset, nodes, layout):
     text = (REPO / "slurm" / script).read_text()
     assert "#SBATCH --signal=USR1@300" in text and "#SBATCH --requeue" in text
     assert f"#SBATCH --nodes={nodes}" in text
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/argv\n')
-    (bin_dir / "scontrol").write_text(
-        '#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] && printf "gpu%s\\n" 1 2 3 4\n'
-    )
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
     init = tmp_path / "init"  # an imported checkpoint as far as the config is concerned
     (init / "iter_0000000").mkdir(parents=True)
     (init / "latest_checkpointed_iteration.txt").write_text("0")
     run_state = {"config": {"model": asdict(load_model(preset))}}
     (init / "iter_0000000" / "run_state.json").write_text(json.dumps(run_state))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (tmp_path / "pairs.jsonl").write_text("")
     env = {
-        **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "REPO": str(REPO),
-        "RUN_DIR": str(tmp_path / "run"),
+        "HF_MODEL": str(hf),
         "INIT_CKPT": str(init),
         "DATA": str(tmp_path / "pairs.jsonl"),
-        "SLURM_JOB_ID": "42",
         "SLURM_NNODES": str(nodes),
         "SLURM_JOB_NODELIST": f"gpu[1-{nodes}]",
     }
-    done = subprocess.run(
-        ["bash", str(REPO / "slurm" / script)], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
-    argv = (tmp_path / "argv").read_text().splitlines()
+    steps, _ = _run_script(tmp_path, script, env, container)
+    _check_step_environment(steps, container, [REPO, tmp_path / "run", hf, init, tmp_path])
+    # The import is skipped (INIT_CKPT holds a checkpoint): prepare, then train.
+    (_, prep_argv), (_, argv) = steps
+    prep_argv = prep_argv[prep_argv.index("python") + 3 :]
+    assert prep_argv[0] == "prepare", prep_argv
+    prep = build_parser().parse_args(prep_argv)
+    assert prep.data_path == env["DATA"] and prep.tokenizer == str(hf)
+    assert prep.output == f"{tmp_path}/run/data/train"
     cut = argv.index("megatron_simpo")
     launch, train = argv[:cut], argv[cut + 1 :]
     start = launch.index("python")
     assert launch[start : start + 3] == ["python", "-m", "megatron_simpo.launch"], launch
+    assert "--kill-on-bad-exit=1" in launch[:start]
     assert launch[launch.index("--rdzv-endpoint") + 1] == "gpu1:29500"
     assert launch[launch.index("--nnodes") + 1] == str(nodes)
     args = build_parser().parse_args(train)
@@ -331,3 +424,119 @@ def test_gpu_scripts_give_a_valid_run(tmp_path, script, preset, nodes, layout):
     assert cfg.train.save == f"{tmp_path}/run/ckpt"
     assert cfg.logging.tensorboard_dir == f"{tmp_path}/run/tb"
     assert cfg.model.hidden_size == load_model(preset).hidden_size  # taken from --load
+    # Trained on what the prepare step wrote, truncated alike.
+    assert cfg.data.data_path == prep.output
+    assert (cfg.data.max_length, cfg.data.max_prompt_length) == (2048, 1800)
+    assert (prep.max_length, prep.max_prompt_length) == (2048, 1800)
+
+
+def test_tiny_script_in_a_container_requeues_from_the_batch_script(tmp_path):
+    """The tiny script with CONTAINER_IMAGE: all four steps (import, prepare train and held-out
+    data, train) run in the container; the training step, which has no scontrol there, leaves
+    the job id in MEGATRON_SIMPO_REQUEUE_FILE and the batch script (outside the container)
+    requeues the job."""
+    env = {
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[1-2]",
+        "FAKE_ASK_REQUEUE": "1",
+    }
+    steps, out = _run_script(tmp_path, "simpo_tiny_cpu.sbatch", env, container=True)
+    tiny = REPO / "examples" / "tiny"
+    _check_step_environment(steps, True, [REPO, tmp_path / "run", tiny])
+    commands = [argv[argv.index("python") + 1 : argv.index("python") + 4] for _, argv in steps]
+    assert commands == [
+        ["-m", "megatron_simpo", "convert"],
+        ["-m", "megatron_simpo", "prepare"],
+        ["-m", "megatron_simpo", "prepare"],
+        ["-m", "megatron_simpo.launch", "--nnodes"],
+    ], commands
+    for _, argv in steps[:3]:  # single-node steps before training
+        assert argv[:2] == ["--cpus-per-task=7", f"--container-image={IMAGE}"], argv
+        assert "--nodes=1" in argv and "--ntasks=1" in argv, argv
+    train = steps[3][1]
+    for flag, want in (("--data-path", "data/train"), ("--eval-data-path", "data/heldout")):
+        assert train[train.index(flag) + 1] == f"{tmp_path}/run/{want}", train
+    assert (tmp_path / "requeued").read_text() == "requeue 42\n", out
+    assert not (tmp_path / "run" / "requeue.42").exists()
+    assert "the training step asked for a requeue" in out, out
+
+
+# ---------------------------------------------------------------------------------------------
+# --slurm-requeue where `scontrol` is missing (a job step inside a pyxis/enroot container).
+
+
+def _requeue(monkeypatch, tmp_path, path: str, marker: bool) -> str:
+    """Runs ``Trainer.requeue`` as rank 0 of job 42 with ``PATH=path``; returns what it printed
+    (the marker file's path is ``tmp_path/requeue``)."""
+    import contextlib
+    import io
+
+    from megatron_simpo import train
+
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 0)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("PATH", path)
+    if marker:
+        monkeypatch.setenv("MEGATRON_SIMPO_REQUEUE_FILE", str(tmp_path / "requeue"))
+    else:
+        monkeypatch.delenv("MEGATRON_SIMPO_REQUEUE_FILE", raising=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train.Trainer.requeue(None)  # uses no trainer state
+    return out.getvalue()
+
+
+def _stand_in(bin_dir: Path, name: str, body: str) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+    (bin_dir / name).chmod(0o755)
+
+
+def test_requeue_without_scontrol_falls_back(monkeypatch, tmp_path):
+    """No ``scontrol`` on PATH: one message naming the cause, no exception; with
+    ``MEGATRON_SIMPO_REQUEUE_FILE`` the job id is left there for the batch script."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = _requeue(monkeypatch, tmp_path, str(empty), marker=False)
+    assert "--slurm-requeue: scontrol not found in this environment (inside a container?)" in out
+    assert "Slurm's own --requeue" in out and not (tmp_path / "requeue").exists()
+    out = _requeue(monkeypatch, tmp_path, str(empty), marker=True)
+    assert (tmp_path / "requeue").read_text() == "42"
+    assert "the batch script requeues job 42" in out, out
+
+
+def test_requeue_reports_a_failing_scontrol(monkeypatch, tmp_path):
+    bin_dir = tmp_path / "bin"
+    _stand_in(bin_dir, "scontrol", 'echo "scontrol: error: Access/permission denied" >&2; exit 1')
+    out = _requeue(monkeypatch, tmp_path, f"{bin_dir}:/usr/bin:/bin", marker=True)
+    assert "scontrol requeue 42 failed: scontrol: error: Access/permission denied" in out, out
+    assert (tmp_path / "requeue").read_text() == "42"
+
+
+def test_requeue_with_scontrol(monkeypatch, tmp_path):
+    bin_dir = tmp_path / "bin"
+    _stand_in(bin_dir, "scontrol", f'echo "$@" > {tmp_path}/argv')
+    out = _requeue(monkeypatch, tmp_path, f"{bin_dir}:/usr/bin:/bin", marker=True)
+    assert (tmp_path / "argv").read_text() == "requeue 42\n"
+    assert "requeued Slurm job 42" in out and not (tmp_path / "requeue").exists()
+
+
+def test_stop_checkpoint_then_requeue_without_scontrol_exits_0(tmp_path):
+    """The real entry point inside a 'container' (no scontrol on PATH): the time limit stops the
+    run after iteration 1, the stop checkpoint is written, and the process exits 0 with the
+    fallback message instead of a FileNotFoundError traceback."""
+    from conftest import torchrun
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["-m", "megatron_simpo", "train", "--config", "examples/tiny_pretok.yaml"]
+    args += ["--train-iters", "5", "--save", str(tmp_path / "ckpt"), "--slurm-requeue"]
+    args += ["--exit-duration-in-mins", "0"]
+    env = {"PATH": str(empty), "SLURM_JOB_ID": "42"}
+    env["MEGATRON_SIMPO_REQUEUE_FILE"] = str(tmp_path / "requeue")
+    r = torchrun(1, args, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert re.search(r"stopping at iteration 1: --exit-duration-in-mins 0(\.0)? reached", r.stdout)
+    assert _tracker(tmp_path / "ckpt") == 1
+    assert "scontrol not found in this environment" in r.stdout, r.stdout
+    assert (tmp_path / "requeue").read_text() == "42"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_simpo.data.packing import collate_packed, pack_rows, row_width
+from megatron_simpo.loss import batch_totals
 
 
 @dataclass(frozen=True)
@@ -150,12 +151,20 @@ class PairBatcher:
         mbs = self.micro_batch_size
         groups = [mine[i : i + mbs] for i in range(0, per_rank, mbs)]
         if self.pack_pairs or self.prefix_sharing:
-            return self._packed(groups)
-        if self.uniform_length:
+            batches, seq_len = self._packed(groups)
+        elif self.uniform_length:
             seq_len = self.seq_len(mine)
-            return [collate(g, seq_len) for g in groups], seq_len
-        lengths = [self.seq_len(g) for g in groups]
-        return [collate(g, n) for g, n in zip(groups, lengths)], max(lengths)
+            batches = [collate(g, seq_len) for g in groups]
+        else:
+            lengths = [self.seq_len(g) for g in groups]
+            batches, seq_len = [collate(g, n) for g, n in zip(groups, lengths)], max(lengths)
+        # The loss is a weighted mean over the *global* batch (megatron_simpo/loss.py): every
+        # micro-batch carries its totals, the same on every rank.
+        everyone = [self.pairs[i] for i in idx]
+        totals = batch_totals([p.weight for p in everyone], [len(p.chosen_ids) for p in everyone])
+        for mb in batches:
+            mb["batch_totals"] = totals
+        return batches, seq_len
 
     def _packed(self, groups: list[list[Pair]]) -> tuple[list[dict[str, torch.Tensor]], int]:
         """Packed micro-batches (``--pack-pairs`` / ``--prefix-sharing``): same pairs per

@@ -173,7 +173,9 @@ def collate_packed(
         ``tokens``, ``labels``, ``position_ids``, ``segment_ids``, ``branch_ids``, ``seq_index``
         (int64, ``[rows, s]``), ``loss_mask`` (float ``[rows, s]``), and, as in ``collate``,
         ``weights`` ``[b]``, ``lengths`` ``[2b]`` response lengths and ``seq_tokens`` ``[2b]``
-        prompt+response lengths (chosen sequences first).
+        prompt+response lengths (chosen sequences first), and ``shared_prefix`` ``[b]``: the
+        prompt positions computed once for both sequences of pair ``i`` (``len(prompt) - 1``
+        when prefix-shared, else 0).
     """
     rows = pack_rows(pairs, capacity, prefix_sharing=prefix_sharing, pack=pack)
     s = max(row_width(rows), width or 0)
@@ -215,6 +217,15 @@ def collate_packed(
     out["lengths"] = torch.tensor(resp, dtype=torch.long)
     prompts = [len(p.prompt_ids) for p in pairs] * 2
     out["seq_tokens"] = torch.tensor([a + c for a, c in zip(prompts, resp)], dtype=torch.long)
+    # Prompt positions computed once for both sequences of a prefix-shared pair (all but the
+    # prompt's last token, which each branch repeats); 0 for a pair in plain segments. Honest
+    # token counts and FLOPs subtract them (megatron_simpo/step.py, flops.py).
+    shared = [0] * b
+    for row in rows:
+        for seg in row:
+            if CHOSEN in seg.branches:
+                shared[seg.seq_index[seg.branches.index(CHOSEN)]] = seg.branches.count(SHARED)
+    out["shared_prefix"] = torch.tensor(shared, dtype=torch.long)
     return out
 
 

@@ -31,6 +31,7 @@ from megatron_simpo.data.rows import (
     IdsRow,
     RowError,
     TextRow,
+    detect_schema,
     is_tie,
     parse_row,
 )
@@ -76,6 +77,48 @@ def load_tokenizer(path: str) -> Any:
         except Exception as e:  # transformers raises OSError/ValueError variants
             raise DataError(f"--tokenizer {path}: cannot load a tokenizer there ({e})") from None
     return _TOKENIZERS[path]
+
+
+class LazyTokenizer:
+    """The tokenizer of ``path``, loaded on first use: pre-tokenised rows never use it, so they
+    never import transformers (``pip install .`` on a cluster, pre-tokenised data)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy/pickle probes must not load a tokenizer
+            raise AttributeError(name)
+        return getattr(load_tokenizer(self.path), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return load_tokenizer(self.path)(*args, **kwargs)
+
+    def __len__(self) -> int:  # special methods bypass __getattr__
+        return tokenizer_size(self.path)
+
+
+def tokenizer_size(path: str) -> int:
+    """``len(tokenizer)`` (added tokens included), read from ``tokenizer.json`` when there is
+    one so that checking pre-tokenised ids needs no transformers import."""
+    f = Path(path) / "tokenizer.json"
+    if f.is_file():
+        spec = json.loads(f.read_text())
+        vocab = (spec.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):  # BPE / WordLevel / WordPiece (Unigram: a list, below)
+            ids = list(vocab.values()) + [t["id"] for t in spec.get("added_tokens", [])]
+            return max(ids) + 1
+    return len(load_tokenizer(path))
+
+
+def needs_tokenizer(row: Any, schema: str) -> bool:
+    """Whether a raw row is text or a conversation (pre-tokenised and invalid rows: False)."""
+    if schema != "auto":
+        return schema != "pretokenized"
+    try:
+        return detect_schema(row) != "pretokenized"
+    except RowError:
+        return False
 
 
 def tokenizer_fingerprint(tok: Any) -> dict[str, Any]:
@@ -142,9 +185,9 @@ def process_row(
                     "model's own tokenizer",
                 )
         if opts.max_length is not None:
-            # Without a tokenizer (pre-tokenised rows) the first prompt token is taken as BOS:
+            # Pre-tokenised rows (never a tokenizer) take the first prompt token as BOS:
             # it is never predicted, and pre-tokenised prompts start with BOS by convention.
-            bos = getattr(tok, "bos_token_id", None) if tok is not None else p[0]
+            bos = p[0] if isinstance(row, IdsRow) else getattr(tok, "bos_token_id", None)
             p, c, r, cut = truncate(
                 p,
                 c,
@@ -194,7 +237,7 @@ def check_ids_in_tokenizer(row: IdsRow, n_tokens: int) -> None:
 
 def _map_batch(batch: dict[str, list], tokenizer: str | None, opts: dict) -> dict[str, list]:
     options = PrepareOptions(**opts)
-    tok = load_tokenizer(tokenizer) if tokenizer else None
+    tok = LazyTokenizer(tokenizer) if tokenizer else None
     # Parse and render every row first, then encode all texts of the batch in one call (the
     # fast tokenizers batch in Rust), then finish row by row.
     parsed: list = []
@@ -244,9 +287,8 @@ def prepare(
             f"--max-prompt-length {opts.max_prompt_length} must be smaller than "
             f"--max-length {opts.max_length}"
         )
-    if tokenizer:
-        load_tokenizer(tokenizer)  # fail early on a bad --tokenizer
     wheres, raws, reasons, messages = [], [], [], []
+    any_text = False
     reading = f"prepare: reading {Path(data_path).name}"
     rows = progress(iter_rows(data_path, split), reading, unit="rows", enabled=not quiet)
     for where, row in rows:
@@ -257,10 +299,13 @@ def prepare(
             messages.append(row[1])
         else:
             raws.append(json.dumps(row, default=str))
+            any_text = any_text or needs_tokenizer(row, opts.schema)
             reasons.append("")
             messages.append("")
     if not wheres:
         raise DataError(f"--data-path {data_path}: holds no rows")
+    if tokenizer and any_text:
+        load_tokenizer(tokenizer)  # fail early on a bad --tokenizer
     ds = datasets.Dataset.from_dict(
         {
             "where": wheres,
@@ -322,8 +367,10 @@ def prepare(
         "summary": summary,
         "options": asdict(opts),
         "tokenizer": tokenizer,
+        # Only a tokenizer that tokenised text is loaded (pre-tokenised rows never import
+        # transformers); their ids were checked against its size.
         "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(tokenizer))
-        if tokenizer
+        if tokenizer and any_text
         else None,
         "data_path": data_path,
         "split": split,

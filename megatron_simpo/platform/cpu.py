@@ -16,11 +16,7 @@ Measured facts behind each patch: ``shared/notes/megatron-core-on-cpu.md``.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import queue
-import sys
-import types
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,8 +35,10 @@ PATCHES: dict[str, str] = {
     "rng_tracker": "the model-parallel RNG tracker (init, dropout fork) stores CUDA generator "
     "states; on CPU it must fork the CPU generator instead.",
     "triton_only_modules": "Megatron-Core 0.18+ imports MoE paged-stash modules that import triton "
-    "unconditionally (from the pipeline schedules); CPU torch has no triton and dense models never "
-    "run them, so inert stand-ins are registered.",
+    "unconditionally (from its package import and the pipeline schedules); CPU torch has no "
+    "triton and dense models never run them, so inert stand-ins are served. Installed by "
+    "`import megatron_simpo` (platform/triton_stand_ins.py), since it must precede any "
+    "Megatron-Core import.",
     "dist_ckpt_results_queue": "dist_checkpointing save starts a multiprocessing.Manager per rank "
     "only to hold a results queue (2-4 s per rank, needs a __main__ guard); an in-process queue "
     "is equivalent for synchronous saves.",
@@ -139,56 +137,34 @@ def _patch_rng_tracker() -> None:
     mp_random.CudaRNGStatesTracker.add = add
 
 
-# Relative to the megatron/core package (0.18: moe/paged_stash.py; 0.19: moe/ops/paged_stash.py).
-TRITON_ONLY_MODULES = ("transformer/moe/paged_stash.py", "transformer/moe/ops/paged_stash.py")
+#: dist_checkpointing's results-queue factory: ``_get_write_results_queue()`` up to 0.17,
+#: ``get_write_results_queue(mp_mode="spawn")`` from 0.18.
+RESULTS_QUEUE_FUNCTIONS = ("get_write_results_queue", "_get_write_results_queue")
 
 
-class _Inert:
-    """Answers any attribute or call with itself and is falsy (nothing 'enabled')."""
+def results_queue_function_name() -> str:
+    """Name of the installed dist_checkpointing's results-queue factory."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
-        return self
-
-    def __getattr__(self, name: str) -> _Inert:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return self
-
-    def __bool__(self) -> bool:
-        return False
-
-
-def triton_only_modules_to_stub() -> list[str]:
-    """Module names of Megatron-Core files that import triton, when triton is missing."""
-    if importlib.util.find_spec("triton") is not None:
-        return []
-    spec = importlib.util.find_spec("megatron.core")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    core = Path(next(iter(spec.submodule_search_locations)))
-    return [
-        "megatron.core." + rel[: -len(".py")].replace("/", ".")
-        for rel in TRITON_ONLY_MODULES
-        if (core / rel).is_file()
-    ]
-
-
-def _stub_triton_only_modules() -> None:
-    for name in triton_only_modules_to_stub():
-        module = types.ModuleType(name, "inert CPU stand-in (megatron_simpo.platform.cpu)")
-        module.__getattr__ = lambda attr: _Inert()  # type: ignore[method-assign]
-        sys.modules.setdefault(name, module)
+    for name in RESULTS_QUEUE_FUNCTIONS:
+        if hasattr(filesystem_async, name):
+            return name
+    raise RuntimeError(
+        "megatron.core.dist_checkpointing.strategies.filesystem_async has none of "
+        f"{RESULTS_QUEUE_FUNCTIONS}: update platform/cpu.py for this Megatron-Core"
+    )
 
 
 def _patch_dist_ckpt_queue() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    def get_queue():
+    def get_queue(*args: Any, **kwargs: Any) -> queue.Queue:
+        # The arguments (0.18+: mp_mode) choose a multiprocessing context: none is needed.
         if filesystem_async._results_queue is None:
             filesystem_async._results_queue = queue.Queue()
         return filesystem_async._results_queue
 
-    filesystem_async._get_write_results_queue = get_queue
+    setattr(filesystem_async, results_queue_function_name(), get_queue)
 
 
 def activate() -> bool:
@@ -203,7 +179,6 @@ def activate() -> bool:
     if torch.cuda.is_available():
         return False
 
-    _stub_triton_only_modules()
     _MODE = _CudaToCpuMode()
     # A process-wide mode: entered once, never exited (Megatron allocates at any time).
     _MODE.__enter__()

@@ -9,8 +9,15 @@ from __future__ import annotations
 import inspect
 import json
 import queue
+import subprocess
+import sys
 
 import torch
+
+# Before any Megatron-Core import, as for every user: installs the triton stand-in finder.
+from megatron_simpo.platform import cpu, triton_stand_ins
+
+SCHEDULES = "megatron.core.pipeline_parallel.schedules"
 
 
 def fails(fn) -> bool:
@@ -21,15 +28,21 @@ def fails(fn) -> bool:
     return False
 
 
+def imports_without_megatron_simpo(module: str) -> bool:
+    """Whether ``module`` imports in a fresh interpreter that never imported megatron_simpo."""
+    code = f"import {module}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 or "triton" in out.stderr, out.stderr[-2000:]
+    return out.returncode == 0
+
+
 def main() -> None:
     assert not torch.cuda.is_available(), "this probe is for CPU-only machines"
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.tensor_parallel import random as mp_random
 
-    from megatron_simpo.platform import cpu
-
-    stubs = cpu.triton_only_modules_to_stub()
+    get_queue_name = cpu.results_queue_function_name()
     needed = {
         "device_mode": fails(lambda: torch.empty(2, device="cuda")),
         "tensor_type_names": "'torch.cuda.FloatTensor'" in inspect.getsource(clip_grads)
@@ -40,10 +53,11 @@ def main() -> None:
         "rng_tracker": fails(
             lambda: mp_random.model_parallel_cuda_manual_seed(1, tp_rank=0, ep_rank=0, etp_rank=0)
         ),
-        # Needed exactly when this Megatron-Core has triton-only modules (0.18+) and no triton.
-        "triton_only_modules": bool(stubs),
+        # Needed exactly when the schedules (and, in 0.19, megatron.core itself) cannot be
+        # imported here without the stand-ins: 0.18+ on a machine without triton.
+        "triton_only_modules": not imports_without_megatron_simpo(SCHEDULES),
         "dist_ckpt_results_queue": "Manager()"
-        in inspect.getsource(filesystem_async._get_write_results_queue),
+        in inspect.getsource(getattr(filesystem_async, get_queue_name)),
     }
 
     assert cpu.activate() and cpu.is_active()
@@ -67,11 +81,22 @@ def main() -> None:
     def triton_stubs_work() -> bool:
         import importlib
 
-        for name in stubs:
-            importlib.import_module(name)
-        import megatron.core.pipeline_parallel.schedules  # noqa: F401  (imports them in 0.18+)
+        importlib.import_module(SCHEDULES)  # imports the triton-only modules in 0.18+
+        served = [
+            name
+            for name in triton_stand_ins.TRITON_ONLY_MODULES
+            if name in sys.modules and triton_stand_ins.is_stand_in(sys.modules[name])
+        ]
+        # Served exactly where needed, and inert: attribute chains and calls give falsy values.
+        needed_here = needed["triton_only_modules"]
+        inert = all(not sys.modules[name].anything(1).attr for name in served)
+        return bool(served) == needed_here and inert
 
-        return True
+    def queue_works(get_queue) -> bool:
+        # Called as this Megatron-Core calls it: 0.18+ passes mp_mode; one queue per process.
+        kwargs = {"mp_mode": "spawn"} if get_queue_name == "get_write_results_queue" else {}
+        q = get_queue(**kwargs)
+        return isinstance(q, queue.Queue) and get_queue() is q
 
     works = {
         "device_mode": torch.empty(2, device="cuda").device.type == "cpu"
@@ -86,9 +111,7 @@ def main() -> None:
         and torch.cuda.current_stream().wait_stream(torch.cuda.Stream()) is None,
         "rng_tracker": rng_works(),
         "triton_only_modules": triton_stubs_work(),
-        "dist_ckpt_results_queue": isinstance(
-            filesystem_async._get_write_results_queue(), queue.Queue
-        ),
+        "dist_ckpt_results_queue": queue_works(getattr(filesystem_async, get_queue_name)),
     }
     print(json.dumps({k: {"needed": needed[k], "works": works[k]} for k in cpu.PATCHES}))
 
