@@ -134,6 +134,9 @@ def train_args(work: Path, args, tb: Path) -> list[str]:
         str(work / "pairs.jsonl"),
         "--data-schema",
         "pretokenized",
+        # TRL 1.16 (the side compared) never cuts the prompt: its rule, not TRL 0.27's.
+        "--truncation-rule",
+        "trl-1",
         "--seq-length",
         str(args.seq_length),
         "--micro-batch-size",

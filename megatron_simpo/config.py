@@ -310,7 +310,11 @@ class DataConfig:
     max_prompt_length: int | None = None
     """Cut prompts to this many tokens first when a pair is too long (default: max_length/2)."""
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
-    """Which end of a long prompt to keep (keep_end keeps BOS and the prompt's end)."""
+    """Which end of a long prompt to keep ('keep_end' its end, 'keep_start' its start)."""
+    truncation_rule: Literal["trl", "trl-1", "fill"] = "trl"
+    """Over-long pairs: 'trl' = TRL<=0.27/SimPO (prompt to --max-prompt-length, responses to
+    max_length - max_prompt_length); 'trl-1' = TRL>=0.28 (prompt kept, responses fill the rest);
+    'fill' = prompt cut as 'trl' keeping BOS, responses fill the rest."""
     skip_invalid: bool = False
     """Skip invalid rows (counted in the summary) instead of stopping at the first."""
     keep_ties: bool = False

@@ -27,7 +27,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_simpo import checkpointing, parallel
 from megatron_simpo.config import LossConfig, RunConfig
-from megatron_simpo.data import Pair, collate, pairs_for
+from megatron_simpo.data import Pair, collate, pairs_for, prepare_for_run
 from megatron_simpo.loss import simpo_loss
 from megatron_simpo.model import build_model
 from megatron_simpo.progress import progress
@@ -122,6 +122,7 @@ def summarize(rows: list[dict], loss_cfg: LossConfig) -> dict:
 
 def evaluate(cfg: RunConfig, output: str | None = None) -> dict | None:
     """The ``evaluate`` command (collective); returns the result on the writing rank."""
+    prepare_for_run(cfg)  # before the process group: tokenising may outlast its timeout
     parallel.init_distributed(cfg.parallel.distributed_timeout_minutes)
     parallel.init_model_parallel_for(cfg)
     pairs = pairs_for(cfg, cfg.data.data_path)

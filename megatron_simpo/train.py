@@ -30,7 +30,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_simpo import checkpointing, flops, parallel
 from megatron_simpo.alarms import DriftMonitor
 from megatron_simpo.config import RunConfig
-from megatron_simpo.data import PairBatcher, Subset, pairs_for, split_heldout
+from megatron_simpo.data import PairBatcher, Subset, pairs_for, prepare_for_run, split_heldout
 from megatron_simpo.errors import TrainingError
 from megatron_simpo.metrics import MetricsWriter, console_line, eval_line
 from megatron_simpo.model import build_model, model_dtype, wrap_ddp
@@ -495,6 +495,7 @@ def _is_communication_failure(e: BaseException) -> bool:
 
 def run(cfg: RunConfig) -> list[dict[str, float]]:
     """Entry point of ``megatron-simpo train``: initialise, train, tear down."""
+    prepare_for_run(cfg)  # before the process group: tokenising may outlast its timeout
     parallel.init_distributed(cfg.parallel.distributed_timeout_minutes)
     trainer = Trainer(cfg)
     trainer.setup()

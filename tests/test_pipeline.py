@@ -126,27 +126,132 @@ def long_ids_row(n_prompt, n_chosen, n_rejected):
     }
 
 
-def test_truncation_keep_end_cuts_the_prompt_from_the_left_then_responses(tmp_path):
+def test_truncation_trl_rule_cuts_responses_to_max_length_minus_max_prompt_length(tmp_path):
+    # TRL <= 0.27 / SimPO: the prompt to its last 5 tokens (BOS lost, as there), then every
+    # response to 12 - 5 = 7 tokens; the budget a short prompt leaves is not used.
     row = long_ids_row(10, 8, 3)
     (p,) = run(tmp_path, [row], tokenizer=None, max_length=12, max_prompt_length=5)
+    assert p.prompt_ids == (14, 15, 16, 17, 18)
+    assert p.chosen_ids == tuple(range(100, 107)) and p.rejected_ids == (200, 201, 202)
+    short = long_ids_row(3, 11, 2)  # prompt under the limit, the pair over: 14 > 12
+    (q,) = run(
+        tmp_path, [short], tokenizer=None, name="s.jsonl", max_length=12, max_prompt_length=5
+    )
+    assert q.prompt_ids == (1, 10, 11) and q.chosen_ids == tuple(range(100, 107))
+    (f,) = run(
+        tmp_path,
+        [short],
+        tokenizer=None,
+        name="f.jsonl",
+        max_length=12,
+        max_prompt_length=5,
+        truncation_rule="fill",
+    )
+    assert f.chosen_ids == tuple(range(100, 109))  # fill: 12 - 3 = 9 tokens
+
+
+def test_truncation_fill_keep_end_keeps_bos_then_fills(tmp_path):
+    row = long_ids_row(10, 8, 3)
+    (p,) = run(
+        tmp_path, [row], tokenizer=None, max_length=12, max_prompt_length=5, truncation_rule="fill"
+    )
     assert p.prompt_ids == (1, 15, 16, 17, 18)  # BOS kept, then the prompt's last 4 tokens
     assert p.chosen_ids == tuple(range(100, 107))  # 12 - 5 = 7 tokens
     assert p.rejected_ids == (200, 201, 202)
 
 
+def test_truncation_trl1_never_cuts_the_prompt(tmp_path):
+    rows = [long_ids_row(6, 9, 3), long_ids_row(13, 2, 2)]
+    summary = prepare(
+        write_jsonl(tmp_path / "t1.jsonl", rows),
+        tmp_path / "o",
+        tokenizer=None,
+        opts=PrepareOptions(max_length=12, max_prompt_length=5, truncation_rule="trl-1"),
+        quiet=True,
+    )
+    (p,) = PreparedPairs(tmp_path / "o")
+    assert len(p.prompt_ids) == 6 and p.chosen_ids == tuple(range(100, 106))
+    assert summary["dropped"] == {"empty_after_truncation": 1}  # a 13-token prompt fills it
+
+
 def test_truncation_keep_start_and_no_cut_when_it_fits(tmp_path):
     row = long_ids_row(10, 8, 3)
-    (p,) = run(
-        tmp_path,
-        [row],
-        tokenizer=None,
-        max_length=12,
-        max_prompt_length=5,
-        truncation_mode="keep_start",
-    )
-    assert p.prompt_ids == (1, 10, 11, 12, 13)
+    for rule in ("trl", "fill"):
+        (p,) = run(
+            tmp_path,
+            [row],
+            tokenizer=None,
+            name=f"{rule}.jsonl",
+            max_length=12,
+            max_prompt_length=5,
+            truncation_mode="keep_start",
+            truncation_rule=rule,
+        )
+        assert p.prompt_ids == (1, 10, 11, 12, 13) and len(p.chosen_ids) == 7
     (q,) = run(tmp_path, [row], tokenizer=None, name="fits.jsonl", max_length=18)
     assert len(q.prompt_ids) == 10 and len(q.chosen_ids) == 8
+
+
+def test_pairs_tied_after_truncation_are_dropped_and_counted(tmp_path):
+    # Responses that differ only after their 4th token: identical once cut to 8 - 4 = 4.
+    tied = {
+        "prompt_ids": [1, 5, 6],
+        "chosen_ids": [7, 8, 9, 3, 11, 2],
+        "rejected_ids": [7, 8, 9, 3],
+    }
+    tied_long = {**tied, "rejected_ids": [7, 8, 9, 3, 12, 13, 2]}
+    apart = {**tied, "rejected_ids": [7, 8, 4, 3, 12, 2]}
+    src = write_jsonl(tmp_path / "t.jsonl", [tied, tied_long, apart])
+    opts = PrepareOptions(max_length=8, max_prompt_length=4)
+    summary = prepare(src, tmp_path / "o", tokenizer=None, opts=opts, quiet=True)
+    assert summary["kept"] == 1 and summary["dropped"] == {"tie_after_truncation": 2}
+    assert PreparedPairs(tmp_path / "o").source_rows() == [2]
+    kept = prepare(
+        src,
+        tmp_path / "o2",
+        tokenizer=None,
+        opts=PrepareOptions(max_length=8, max_prompt_length=4, keep_ties=True),
+        quiet=True,
+    )
+    assert kept["kept"] == 3
+
+
+def test_text_pairs_that_tokenise_identically_are_ties(tmp_path):
+    # Different texts, same ids (the word-level tokenizer splits on whitespace).
+    row = {"prompt": "what is 1 plus 2 ?", "chosen": " 3", "rejected": "  3"}
+    summary = prepare(
+        write_jsonl(tmp_path / "w.jsonl", [row, TEXT]),
+        tmp_path / "o",
+        tokenizer=TINY,
+        opts=PrepareOptions(),
+        quiet=True,
+    )
+    assert summary["kept"] == 1 and summary["dropped"] == {"tie": 1}
+
+
+@pytest.mark.parametrize("weight", ["-0.5", "NaN", "Infinity", "-Infinity", "1e999", "true"])
+def test_negative_or_non_finite_weights_are_refused_with_file_line(tmp_path, weight):
+    good = json.dumps({**long_ids_row(3, 2, 2), "rejected_ids": [7, 2], "weight": 0.25})
+    bad = good.replace('"weight": 0.25', f'"weight": {weight}')
+    src = write_jsonl(tmp_path / "w.jsonl", [good.encode(), bad.encode()])
+    with pytest.raises(DataError, match="'weight' must be a finite number >= 0") as e:
+        prepare(src, tmp_path / "o", tokenizer=None, opts=PrepareOptions(), quiet=True)
+    assert f"{src}:2:" in str(e.value)
+
+
+def test_pretokenised_ids_beyond_the_tokenizer_are_refused(tmp_path, tok):
+    n = len(tok)  # 30 ids in the tiny tokenizer
+    rows = [
+        {"prompt_ids": [1, 5], "chosen_ids": [3, 2], "rejected_ids": [4, 2]},
+        {"prompt_ids": [1, 5], "chosen_ids": [3, 2], "rejected_ids": [4, n + 3, 2]},
+    ]
+    src = write_jsonl(tmp_path / "oov.jsonl", rows)
+    with pytest.raises(DataError, match=rf"'rejected_ids'\[1\] = {n + 3} is outside the tokenizer"):
+        prepare(src, tmp_path / "o", tokenizer=TINY, opts=PrepareOptions(), quiet=True)
+    with pytest.raises(DataError, match=f"{src}:2:"):
+        prepare(src, tmp_path / "o", tokenizer=TINY, opts=PrepareOptions(), quiet=True)
+    # Without a tokenizer nothing bounds them here; train checks them against the model.
+    prepare(src, tmp_path / "o", tokenizer=None, opts=PrepareOptions(), quiet=True)
 
 
 def test_summary_counts_ties_and_truncation(tmp_path):

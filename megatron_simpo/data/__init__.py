@@ -1,13 +1,18 @@
 """Preference data: sources, schemas, tokenisation, preparation, batching.
 
 :func:`load_pairs` is what ``train`` and ``evaluate`` call: a prepared directory is read directly;
-anything else is prepared on the fly (on the first rank, into a fingerprinted cache) and read
-from there.
+anything else is prepared into a fingerprinted cache and read from there. ``train`` and
+``evaluate`` call :func:`prepare_for_run` before any process group exists: rank 0 tokenises while
+the other ranks wait on the cache directory (shared by all nodes) with no collective timeout.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from megatron_simpo.data.prepare import (
     is_prepared,
     prepare,
 )
+from megatron_simpo.errors import DataError
 
 __all__ = [
     "pairs_for",
@@ -28,6 +34,8 @@ __all__ = [
     "collate",
     "global_batch_indices",
     "load_pairs",
+    "ensure_prepared",
+    "prepare_for_run",
     "default_cache_dir",
     "Subset",
     "split_heldout",
@@ -67,6 +75,130 @@ def split_heldout(
     return Subset(pairs, train), Subset(pairs, held)
 
 
+def cache_entry(
+    data_path: str,
+    *,
+    tokenizer: str | None,
+    opts: PrepareOptions,
+    split: str | None = None,
+    cache_dir: str | None = None,
+) -> Path:
+    """Where raw ``data_path`` is prepared (a prepared directory is its own entry)."""
+    if is_prepared(data_path):
+        return Path(data_path)
+    out = Path(cache_dir) if cache_dir else default_cache_dir()
+    return out / cache_key(data_path, tokenizer, opts, split)
+
+
+class _Heartbeat:
+    """While preparing: ``<entry>.preparing`` rewritten every ``interval`` seconds (so waiting
+    ranks on other nodes see progress without comparing clocks); on failure ``<entry>.failed``
+    holds the message."""
+
+    def __init__(self, entry: Path, interval: float = 5.0) -> None:
+        self.beat = entry.with_name(entry.name + ".preparing")
+        self.failed = entry.with_name(entry.name + ".failed")
+        self.interval, self._stop = interval, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        n = 0
+        while True:
+            self.beat.write_text(json.dumps({"host": socket.gethostname(), "beat": n}))
+            n += 1
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self.beat.parent.mkdir(parents=True, exist_ok=True)
+        self.failed.unlink(missing_ok=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        self._stop.set()
+        self._thread.join()
+        if err is not None:
+            note = {"error": str(err), "time": time.time(), "host": socket.gethostname()}
+            self.failed.write_text(json.dumps(note))
+        self.beat.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def wait_for_entry(
+    entry: Path, *, rank: int, stale_s: float = 300.0, poll_s: float = 1.0, say_every_s: float = 60
+) -> None:
+    """Waits, without any collective and so without its timeout, until rank 0 has prepared
+    ``entry``. Raises DataError when rank 0 reports a failure, or when its heartbeat has not
+    changed for ``stale_s`` seconds (never seen: the cache is probably not shared)."""
+    hb = _Heartbeat(entry)
+    failed_before = _read(hb.failed)  # a failure left by an earlier run is not this one's
+    last_beat, changed, begun = None, time.monotonic(), time.monotonic()
+    said = begun
+    while not is_prepared(entry):
+        failed = _read(hb.failed)
+        if failed is not None and failed != failed_before:
+            raise DataError(json.loads(failed)["error"])
+        beat = _read(hb.beat)
+        now = time.monotonic()
+        if beat != last_beat:
+            last_beat, changed = beat, now
+        if now - changed > stale_s:
+            if last_beat is None:
+                raise DataError(
+                    f"rank {rank}: rank 0 has not begun preparing {entry} after {stale_s:.0f} s; "
+                    "--data-cache-dir must be on a filesystem shared by all nodes (or run "
+                    "`megatron-simpo prepare` first and pass its output as --data-path)"
+                )
+            last = f"; its last error: {json.loads(failed)['error']}" if failed else ""
+            raise DataError(
+                f"rank {rank}: rank 0 stopped preparing {entry} (no heartbeat for "
+                f"{stale_s:.0f} s){last}"
+            )
+        if now - said >= say_every_s:
+            print(f"rank {rank}: waiting for rank 0 to prepare {entry} ({now - begun:.0f} s)")
+            said = now
+        time.sleep(poll_s)
+
+
+def ensure_prepared(
+    data_path: str,
+    *,
+    tokenizer: str | None,
+    opts: PrepareOptions,
+    split: str | None = None,
+    cache_dir: str | None = None,
+    num_workers: int = 1,
+    rank: int = 0,
+    stale_s: float = 300.0,
+) -> Path:
+    """The prepared directory of ``data_path``: rank 0 prepares raw data into the cache, the
+    other ranks wait for it on the (shared) filesystem. Needs no process group."""
+    entry = cache_entry(data_path, tokenizer=tokenizer, opts=opts, split=split, cache_dir=cache_dir)
+    if is_prepared(entry):
+        return entry
+    if rank != 0:
+        wait_for_entry(entry, rank=rank, stale_s=stale_s)
+        return entry
+    with _Heartbeat(entry):
+        prepare(
+            data_path,
+            entry,
+            tokenizer=tokenizer,
+            opts=opts,
+            split=split,
+            num_workers=num_workers,
+            quiet=False,
+        )
+    return entry
+
+
 def load_pairs(
     data_path: str,
     *,
@@ -75,28 +207,19 @@ def load_pairs(
     split: str | None = None,
     cache_dir: str | None = None,
     num_workers: int = 1,
-    is_first_rank: bool = True,
-    barrier=None,
+    rank: int = 0,
 ) -> PreparedPairs:
     """Pairs of ``data_path`` (prepared directory, or raw data prepared into the cache)."""
-    if is_prepared(data_path):
-        return PreparedPairs(data_path)
-    out = Path(cache_dir) if cache_dir else default_cache_dir()
-    out = out / cache_key(data_path, tokenizer, opts, split)
-    if is_first_rank and not is_prepared(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        prepare(
-            data_path,
-            out,
-            tokenizer=tokenizer,
-            opts=opts,
-            split=split,
-            num_workers=num_workers,
-            quiet=False,
-        )
-    if barrier is not None:
-        barrier()
-    return PreparedPairs(out)
+    entry = ensure_prepared(
+        data_path,
+        tokenizer=tokenizer,
+        opts=opts,
+        split=split,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+        rank=rank,
+    )
+    return PreparedPairs(entry)
 
 
 def _default_tokenizer(cfg) -> str | None:
@@ -113,38 +236,70 @@ def _default_tokenizer(cfg) -> str | None:
     return None
 
 
-def pairs_for(cfg, path: str) -> PreparedPairs:
-    """``load_pairs`` with a run config's options (collective under torch.distributed)."""
-    import torch.distributed as dist
-
+def _options(cfg) -> PrepareOptions:
     d = cfg.data
-    opts = PrepareOptions(
+    return PrepareOptions(
         schema=d.data_schema,
         max_length=d.max_length if d.max_length is not None else cfg.train.seq_length,
         max_prompt_length=d.max_prompt_length,
         truncation_mode=d.truncation_mode,
+        truncation_rule=d.truncation_rule,
         skip_invalid=d.skip_invalid,
         keep_ties=d.keep_ties,
         vocab_size=cfg.model.vocab_size,
     )
-    first = not dist.is_initialized() or dist.get_rank() == 0
-    barrier = dist.barrier if dist.is_initialized() else None
+
+
+def _rank() -> int:
+    """Global rank: from the process group once it exists, from torchrun's RANK before."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def prepare_for_run(cfg) -> None:
+    """Prepares the run's raw data (``--data-path``, ``--eval-data-path``) before any process
+    group exists: rank 0 tokenises, the other ranks wait on the cache without a collective
+    timeout. Called by ``train`` and ``evaluate`` before ``init_process_group``."""
+    d = cfg.data
+    for path in (d.data_path, d.eval_data_path):
+        if path:
+            ensure_prepared(
+                path,
+                tokenizer=_default_tokenizer(cfg),
+                opts=_options(cfg),
+                split=d.data_split,
+                cache_dir=d.data_cache_dir,
+                num_workers=d.num_workers,
+                rank=_rank(),
+            )
+
+
+def pairs_for(cfg, path: str) -> PreparedPairs:
+    """``load_pairs`` with a run config's options, checked against the run (no collective):
+    ``--seq-length``, the run's tokenizer and the model's vocabulary (``data/checks.py``)."""
+    from megatron_simpo.data.checks import check_for_run
+    from megatron_simpo.data.prepare import load_tokenizer, tokenizer_fingerprint
+
+    d = cfg.data
+    tokenizer = _default_tokenizer(cfg)
     pairs = load_pairs(
         path,
-        tokenizer=_default_tokenizer(cfg),
-        opts=opts,
+        tokenizer=tokenizer,
+        opts=_options(cfg),
         split=d.data_split,
         cache_dir=d.data_cache_dir,
         num_workers=d.num_workers,
-        is_first_rank=first,
-        barrier=barrier,
+        rank=_rank(),
     )
-    max_id = pairs.info["summary"].get("max_id", -1)
-    if max_id >= cfg.model.vocab_size:
-        from megatron_simpo.errors import DataError
-
-        raise DataError(
-            f"{path}: token id {max_id} >= the model's vocabulary size "
-            f"{cfg.model.vocab_size}; prepare it with the model's tokenizer"
-        )
+    fp = None
+    if tokenizer and pairs.info.get("tokenizer_fingerprint"):
+        fp = tokenizer_fingerprint(load_tokenizer(tokenizer))
+    check_for_run(
+        pairs,
+        seq_length=cfg.train.seq_length,
+        vocab_size=cfg.model.vocab_size,
+        tokenizer=tokenizer,
+        tokenizer_fingerprint=fp,
+    )
     return pairs

@@ -45,7 +45,8 @@ from megatron_simpo.data.tokenize import (
 from megatron_simpo.errors import DataError
 from megatron_simpo.progress import progress
 
-PREPARE_VERSION = 1
+#: Layout of a prepared directory: 2 adds the ``where`` column and the tokenizer fingerprint.
+PREPARE_VERSION = 2
 MARKER = "prepared.json"
 
 
@@ -57,6 +58,7 @@ class PrepareOptions:
     max_length: int | None = None
     max_prompt_length: int | None = None
     truncation_mode: str = "keep_end"
+    truncation_rule: str = "trl"
     skip_invalid: bool = False
     keep_ties: bool = False
     vocab_size: int | None = None
@@ -92,6 +94,22 @@ class LazyTokenizer:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return load_tokenizer(self.path)(*args, **kwargs)
 
+    def __len__(self) -> int:  # special methods bypass __getattr__
+        return tokenizer_size(self.path)
+
+
+def tokenizer_size(path: str) -> int:
+    """``len(tokenizer)`` (added tokens included), read from ``tokenizer.json`` when there is
+    one so that checking pre-tokenised ids needs no transformers import."""
+    f = Path(path) / "tokenizer.json"
+    if f.is_file():
+        spec = json.loads(f.read_text())
+        vocab = (spec.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):  # BPE / WordLevel / WordPiece (Unigram: a list, below)
+            ids = list(vocab.values()) + [t["id"] for t in spec.get("added_tokens", [])]
+            return max(ids) + 1
+    return len(load_tokenizer(path))
+
 
 def needs_tokenizer(row: Any, schema: str) -> bool:
     """Whether a raw row is text or a conversation (pre-tokenised and invalid rows: False)."""
@@ -101,6 +119,21 @@ def needs_tokenizer(row: Any, schema: str) -> bool:
         return detect_schema(row) != "pretokenized"
     except RowError:
         return False
+
+
+def tokenizer_fingerprint(tok: Any) -> dict[str, Any]:
+    """What identifies a tokenizer's ids: a hash of its vocabulary (added tokens included),
+    BOS/EOS/pad ids and chat template, and its size. Read from the loaded tokenizer, not its
+    files, so the same tokenizer saved elsewhere (e.g. next to a converted checkpoint) matches."""
+    import hashlib
+
+    parts = {
+        "vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1]),
+        "special": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id],
+        "chat_template": getattr(tok, "chat_template", None),
+    }
+    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+    return {"sha256": digest, "vocab_size": len(tok)}
 
 
 def parse_and_render(raw: Any, tok: Any, opts: PrepareOptions) -> TextRow | IdsRow:
@@ -140,6 +173,8 @@ def process_row(
             return {**out, "status": "tie", "message": "chosen and rejected are identical"}
         if isinstance(row, IdsRow):
             p, c, r = list(row.prompt_ids), list(row.chosen_ids), list(row.rejected_ids)
+            if tok is not None:
+                check_ids_in_tokenizer(row, len(tok))
         else:
             p, c, r = tokenize_text(tok, row, encoded)
             if opts.vocab_size is not None and max(p + c + r) >= opts.vocab_size:
@@ -161,6 +196,7 @@ def process_row(
                 max_prompt_length=opts.max_prompt_length,
                 mode=opts.truncation_mode,
                 bos=bos,
+                rule=opts.truncation_rule,
             )
             out["truncated"] = cut
         if not c or not r:
@@ -169,6 +205,10 @@ def process_row(
                 "status": "empty_after_truncation",
                 "message": "a response is empty after truncation",
             }
+        if c == r and not opts.keep_ties:
+            # Identical responses give zero gradient and a reward margin of exactly 0.
+            status = "tie_after_truncation" if out["truncated"] else "tie"
+            return {**out, "status": status, "message": "chosen and rejected are identical"}
         return {
             **out,
             "prompt_ids": p,
@@ -179,6 +219,20 @@ def process_row(
         }
     except RowError as e:
         return {**out, "status": f"invalid:{e.reason}", "message": str(e)}
+
+
+def check_ids_in_tokenizer(row: IdsRow, n_tokens: int) -> None:
+    """Raises RowError for the first id of a pre-tokenised row outside the tokenizer's
+    vocabulary (``len(tokenizer)``, added tokens included)."""
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        for i, t in enumerate(getattr(row, name)):
+            if t >= n_tokens:
+                raise RowError(
+                    "id_out_of_vocab",
+                    f"field '{name}'[{i}] = {t} is outside the tokenizer's vocabulary "
+                    f"[0, {n_tokens}); the ids were made with another tokenizer: re-tokenise, "
+                    "or pass the tokenizer that made them",
+                )
 
 
 def _map_batch(batch: dict[str, list], tokenizer: str | None, opts: dict) -> dict[str, list]:
@@ -306,14 +360,18 @@ def prepare(
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    kept.select_columns(["row", "prompt_ids", "chosen_ids", "rejected_ids", "weight"]).save_to_disk(
-        str(tmp / "pairs")
-    )
+    columns = ["row", "where", "prompt_ids", "chosen_ids", "rejected_ids", "weight"]
+    kept.select_columns(columns).save_to_disk(str(tmp / "pairs"))
     info = {
         "version": PREPARE_VERSION,
         "summary": summary,
         "options": asdict(opts),
         "tokenizer": tokenizer,
+        # Only a tokenizer that tokenised text is loaded (pre-tokenised rows never import
+        # transformers); their ids were checked against its size.
+        "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(tokenizer))
+        if tokenizer and any_text
+        else None,
         "data_path": data_path,
         "split": split,
     }

@@ -13,11 +13,22 @@
    template already wrote it).
 4. EOS is appended to each response if it is not already its last token; EOS counts as a
    response token. Prompt tokens are never scored.
-5. Truncation (``--max-length``, ``--max-prompt-length``): if prompt + the longer response exceed
-   ``max_length``, the prompt is cut to ``max_prompt_length`` (default ``max_length // 2``) first
-   (``keep_end``: keep its end, cutting from the left after BOS — for pre-tokenised rows the first
-   prompt token is taken as BOS; ``keep_start``: keep its start), then the responses are cut from
-   the right to fit. A pair whose response would be empty is dropped and counted.
+5. Truncation (``--max-length``, ``--max-prompt-length``, ``--truncation-rule``) applies only
+   when prompt + the longer response exceed ``max_length``; ``max_prompt_length`` defaults to
+   ``max_length // 2``. Rules (see :data:`TRUNCATION_RULES`):
+
+   - ``trl`` (default): TRL's CPO trainer up to 0.27 and the SimPO code. The prompt is cut to
+     ``max_prompt_length`` (``keep_end``: its last tokens, so a cut prompt loses BOS as it does
+     there; ``keep_start``: its first), then, if still too long, each response to
+     ``max_length - max_prompt_length`` tokens.
+   - ``trl-1``: TRL's experimental CPO trainer from 0.28 on (1.16 tested): the prompt is never
+     cut, each response is cut to ``max_length - len(prompt)`` (possibly to nothing).
+   - ``fill``: the prompt is cut as in ``trl`` but ``keep_end`` keeps BOS (for pre-tokenised
+     rows the first prompt token is taken as BOS), then the responses fill the rest of
+     ``max_length``.
+
+   A pair whose response is empty after truncation is dropped and counted; so is one whose
+   responses became identical (``tie_after_truncation``).
 """
 
 from __future__ import annotations
@@ -89,6 +100,19 @@ def tokenize_text(
     return prompt, responses[0], responses[1]
 
 
+TRUNCATION_RULES = ("trl", "trl-1", "fill")
+
+
+def _cut_prompt(prompt: list[int], limit: int, mode: str, keep_bos: bool) -> list[int]:
+    """``prompt`` cut to ``limit`` tokens, keeping its start or end (and BOS if asked)."""
+    if len(prompt) <= limit:
+        return prompt
+    if mode == "keep_start":
+        return prompt[:limit]
+    head = prompt[:1] if keep_bos else []
+    return head + prompt[len(prompt) - (limit - len(head)) :]
+
+
 def truncate(
     prompt: list[int],
     chosen: list[int],
@@ -98,18 +122,25 @@ def truncate(
     max_prompt_length: int | None,
     mode: str,
     bos: int | None,
+    rule: str = "trl",
 ) -> tuple[list[int], list[int], list[int], bool]:
-    """Applies rule 5; returns the pieces and whether anything was cut."""
+    """Applies rule 5 under ``rule``; returns the pieces and whether anything was cut."""
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= max_length:
         return prompt, chosen, rejected, False
+    if rule == "trl-1":
+        room = max(0, max_length - len(prompt))
+        return prompt, chosen[:room], rejected[:room], True
     limit = max_prompt_length if max_prompt_length is not None else max_length // 2
-    if len(prompt) > limit:
-        if mode == "keep_end":
-            keep_bos = bos is not None and prompt[:1] == [bos]
-            head = prompt[:1] if keep_bos else []
-            prompt = head + prompt[len(prompt) - (limit - len(head)) :]
-        else:
-            prompt = prompt[:limit]
+    if rule == "trl":
+        prompt = _cut_prompt(prompt, limit, mode, keep_bos=False)
+        if len(prompt) + longest > max_length:
+            room = max_length - limit
+            chosen, rejected = chosen[:room], rejected[:room]
+        return prompt, chosen, rejected, True
+    if rule != "fill":
+        raise ValueError(f"unknown truncation rule {rule!r}; one of {TRUNCATION_RULES}")
+    keep_bos = bos is not None and prompt[:1] == [bos]
+    prompt = _cut_prompt(prompt, limit, mode, keep_bos)
     room = max_length - len(prompt)
     return prompt, chosen[:room], rejected[:room], True
