@@ -35,16 +35,10 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron_simpo.config import RunConfig
 from megatron_simpo.data.batching import Pair
 from megatron_simpo.fused_logprobs import HiddenStatesGPTModel, hidden_for_head
-from megatron_simpo.model import unwrap
+from megatron_simpo.model import model_device, unwrap
 
 #: N-gram order of ``gen/repetition``.
 REPETITION_N = 3
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _eos_set(eos_id: int | Iterable[int] | None) -> frozenset[int]:
@@ -216,7 +210,7 @@ def greedy_generate(
     if n == 0 or max_new_tokens <= 0:
         return [[] for _ in prompts]
     eos = _eos_set(eos_id)
-    device = _device()
+    device = model_device()
     tp = ps.get_tensor_model_parallel_world_size()
     pad_multiple = tp if cfg.parallel.sequence_parallel else 1
     # The interleaved schedule needs at least PP micro-batches.

@@ -30,7 +30,7 @@ from megatron_simpo.data.packing import (
 from megatron_simpo.fused_logprobs import HiddenStatesGPTModel
 from megatron_simpo.logprobs import vocab_parallel_logprobs
 from megatron_simpo.loss import sequence_logps, simpo_loss
-from megatron_simpo.model import unwrap
+from megatron_simpo.model import model_device, unwrap
 
 #: Per-pair SimPO metrics (TRL's names), in ``pair_metrics`` and ``evaluate``'s ``per_pair``.
 PAIR_KEYS = (
@@ -177,11 +177,7 @@ def micro_batch_report(
 
 def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
     """The ``forward_step_func`` for ``get_forward_backward_func()``."""
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    device = model_device()
 
     checked: set[int] = set()
 

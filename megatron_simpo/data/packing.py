@@ -336,6 +336,6 @@ def check_attention_supports_mask(model: torch.nn.Module) -> None:
                 )
         elif name in ("TEDotProductAttention", "DotProductAttention"):
             raise ConfigError(
-                "--pack-pairs / --prefix-sharing need --attention-backend sdpa (or local on CPU); "
-                f"{name} does not take the packing mask"
+                "--pack-pairs / --prefix-sharing need --attention-backend sdpa (or local without "
+                f"its fused softmax); {name} does not take the packing mask"
             )
