@@ -57,7 +57,7 @@ $(BARE)/.installed: pyproject.toml $(SOURCES)
 	touch $@
 
 test-install: install $(BARE)/.installed
-	MEGATRON_SIMPO_BARE_VENV=$(BARE) $(PY) -m pytest -q tests/test_install.py
+	MEGATRON_SIMPO_BARE_VENV=$(abspath $(BARE)) $(PY) -m pytest -q tests/test_install.py
 
 $(MCORE019_DIR)/.unpacked: | $(BARE)/.installed
 	rm -rf $(MCORE019_DIR) && mkdir -p $(MCORE019_DIR)

@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-BARE = os.environ.get("MEGATRON_SIMPO_BARE_VENV")
+# Absolute: the commands run with another working directory (outside the repository).
+BARE = os.environ.get("MEGATRON_SIMPO_BARE_VENV") and os.path.abspath(
+    os.environ["MEGATRON_SIMPO_BARE_VENV"]
+)
 needs_bare = pytest.mark.skipif(
     not BARE, reason="needs MEGATRON_SIMPO_BARE_VENV (a venv made by `make test-install`)"
 )
