@@ -255,8 +255,9 @@ def test_label_smoothing_limits(name):
     carry no information: l = log 2 + log cosh(beta z / 2), even in z and minimal (log 2) at
     z = 0."""
     p = make_pairs(22, ref=name in NEEDS_REFERENCE)
-    swapped = PairLogps(p.rejected, p.chosen, p.rejected_tokens, p.chosen_tokens,
-                        p.ref_rejected, p.ref_chosen)  # fmt: skip
+    swapped = PairLogps(
+        p.rejected, p.chosen, p.rejected_tokens, p.chosen_tokens, p.ref_rejected, p.ref_chosen
+    )
     opts = {"cpo_alpha": 0.0} if name == "cpo" else {}  # the preference term alone
     fn, beta = OBJECTIVES[name], 0.9
     for eps in (0.1, 0.3):
@@ -472,9 +473,13 @@ def test_cpo_matches_trl(beta, eps, alpha):
 
     p = make_pairs(32, b=6, ref=False)
     stub = SimpleNamespace(
-        alpha=0.0, loss_type="sigmoid", beta=beta, label_smoothing=eps, simpo_gamma=0.5,
+        alpha=0.0,
+        loss_type="sigmoid",
+        beta=beta,
+        label_smoothing=eps,
+        simpo_gamma=0.5,
         accelerator=SimpleNamespace(device="cpu"),
-    )  # fmt: skip
+    )
     losses, rc, rr = CPOTrainer.cpo_loss(stub, p.chosen, p.rejected)
     # TRL: losses.mean() + cpo_alpha * nll, nll the cross-entropy over all chosen tokens.
     trl_loss = losses.mean() + alpha * (-p.chosen.sum() / p.chosen_tokens.sum())
