@@ -1,4 +1,6 @@
-"""The SimPO objective, as pure tensor functions (no devices, process groups or models).
+"""The SimPO objective and other preference objectives (DPO, IPO, DPO-hinge, length-normalised
+DPO, CPO, ORPO: :data:`OBJECTIVES`), as pure tensor functions (no devices, process groups or
+models).
 
 SimPO (Meng, Xia and Chen, 2024) scores a response by its length-normalised log-likelihood,
 
@@ -29,11 +31,16 @@ A pair of weight 0 contributes nothing; a batch whose weights are all 0 has ``L 
 ``loss_sum`` over micro-batches and ranks and divides by the summed pair count ``N``, so each
 pair's contribution is scaled here by global totals known before the step (:func:`batch_totals`)
 such that ``sum_i contribution_i / N = L`` whatever the layout.
+
+The other objectives change only ``l_i`` (and the NLL weight: CPO's ``cpo_alpha``, 1 for ORPO);
+their weighting and NLL reductions are SimPO's (:func:`weighted_contributions`), so the same
+global totals serve them all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -121,6 +128,74 @@ def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), 0.0)
 
 
+def weighted_contributions(
+    losses: torch.Tensor,
+    nll_mean: torch.Tensor,
+    *,
+    nll_weight: float,
+    sft_reduction: SFTReduction = "token",
+    weights: torch.Tensor | None = None,
+    chosen_tokens: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turns per-pair losses into global-batch contributions (module docstring), shared by every
+    objective: ``L = sum_i w_i l_i / sum_i w_i + nll_weight * NLL``.
+
+    Args:
+        losses: ``[pairs]`` each pair's preference loss ``l_i``.
+        nll_mean: ``[pairs]`` ``S_i / n_i``, the mean NLL per token of each chosen response.
+        nll_weight: weight of the NLL term (SimPO's ``sft_weight``, CPO's ``cpo_alpha``, 1 for
+            ORPO).
+        sft_reduction: ``"token"`` (pooled over the batch's chosen tokens) or ``"pair"``.
+        weights: optional ``[pairs]`` per-pair weights ``w_i >= 0`` (default 1).
+        chosen_tokens: ``[pairs]`` ``n_i``; needed by the ``"token"`` reduction (without it: an
+            error if ``nll_weight``, else ``nll`` is NaN).
+        totals: ``[3]`` :func:`batch_totals` of the global batch; default: these pairs'.
+
+    Returns:
+        ``(contributions, nll, pair_losses)``, each ``[pairs]``: the contribution to ``L``, the
+        (detached) contribution to its NLL term, and each pair's own unweighted loss
+        ``l_i + nll_weight * S_i / n_i`` (detached).
+    """
+    if sft_reduction not in ("token", "pair"):
+        raise ValueError(f"unknown sft_reduction {sft_reduction!r}; expected 'token' or 'pair'")
+    dtype = losses.dtype
+    w = torch.ones_like(losses) if weights is None else weights.to(dtype)
+    check_weights(w)
+    pooled = sft_reduction == "token"
+    if chosen_tokens is None and pooled and nll_weight:
+        raise ValueError("sft_reduction 'token' needs chosen_tokens")
+    # Without counts the pooled NLL is unknown: its metric is NaN (the loss does not use it).
+    unknown = chosen_tokens is None and pooled
+    n = torch.ones_like(losses) if chosen_tokens is None else chosen_tokens.to(dtype)
+    if totals is None:
+        totals = batch_totals(w.detach().cpu().tolist(), n.cpu().tolist())
+    totals = totals.to(device=losses.device, dtype=torch.float64)
+    pairs, weight_sum, weighted_tokens = totals[0], totals[1], totals[2]
+    # Contribution scales: sum_i scale * w_i * x_i / N is the weighted mean of x.
+    per_pair_scale = _safe_ratio(pairs, weight_sum).to(dtype)
+    if unknown:
+        nll = torch.full_like(losses, float("nan"))
+    elif pooled:
+        nll = _safe_ratio(pairs, weighted_tokens).to(dtype) * w * nll_mean * n  # N/T * w_i S_i
+    else:
+        nll = per_pair_scale * w * nll_mean
+    contributions = per_pair_scale * w * losses
+    if nll_weight:
+        contributions = contributions + nll_weight * nll
+    pair_losses = losses + nll_weight * nll_mean
+    return contributions, nll.detach(), pair_losses.detach()
+
+
+def conservative_sigmoid_loss(z: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """``-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)``: the Bradley-Terry loss of a preference
+    logit ``z`` ``[pairs]`` whose label is flipped with probability ``eps`` (cDPO)."""
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(z)
+    if label_smoothing:
+        losses = losses - label_smoothing * F.logsigmoid(-z)
+    return losses
+
+
 def simpo_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -158,52 +233,391 @@ def simpo_loss(
     """
     if (gamma_beta_ratio is None) == (simpo_gamma is None):
         raise ValueError("give exactly one of gamma_beta_ratio and simpo_gamma")
-    if sft_reduction not in ("token", "pair"):
-        raise ValueError(f"unknown sft_reduction {sft_reduction!r}; expected 'token' or 'pair'")
     gamma = simpo_gamma if simpo_gamma is not None else gamma_beta_ratio * beta
     chosen_rewards = beta * chosen_logps
     rejected_rewards = beta * rejected_logps
     margin = chosen_rewards - rejected_rewards - gamma
     if loss_type == "sigmoid":
-        losses = -(1.0 - label_smoothing) * F.logsigmoid(margin)
-        if label_smoothing:
-            losses = losses - label_smoothing * F.logsigmoid(-margin)
+        losses = conservative_sigmoid_loss(margin, label_smoothing)
     elif loss_type == "hinge":
         if label_smoothing:
             raise ValueError("label_smoothing applies to the sigmoid loss only")
         losses = torch.relu(1.0 - margin)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid' or 'hinge'")
-    dtype = losses.dtype
-    w = torch.ones_like(losses) if weights is None else weights.to(dtype)
-    check_weights(w)
-    pooled = sft_reduction == "token"
-    if chosen_tokens is None and pooled and sft_weight:
-        raise ValueError("sft_reduction 'token' needs chosen_tokens")
-    # Without counts the pooled NLL is unknown: its metric is NaN (the loss does not use it).
-    unknown = chosen_tokens is None and pooled
-    n = torch.ones_like(losses) if chosen_tokens is None else chosen_tokens.to(dtype)
-    if totals is None:
-        totals = batch_totals(w.detach().cpu().tolist(), n.cpu().tolist())
-    totals = totals.to(device=losses.device, dtype=torch.float64)
-    pairs, weight_sum, weighted_tokens = totals[0], totals[1], totals[2]
-    # Contribution scales: sum_i scale * w_i * x_i / N is the weighted mean of x.
-    per_pair_scale = _safe_ratio(pairs, weight_sum).to(dtype)
-    nll_mean = -chosen_logps  # S_i / n_i
-    if unknown:
-        nll = torch.full_like(losses, float("nan"))
-    elif pooled:
-        nll = _safe_ratio(pairs, weighted_tokens).to(dtype) * w * nll_mean * n  # N/T * w_i S_i
-    else:
-        nll = per_pair_scale * w * nll_mean
-    contributions = per_pair_scale * w * losses
-    if sft_weight:
-        contributions = contributions + sft_weight * nll
-    pair_losses = losses + sft_weight * nll_mean
+    contributions, nll, pair_losses = weighted_contributions(
+        losses,
+        -chosen_logps,  # S_i / n_i
+        nll_weight=sft_weight,
+        sft_reduction=sft_reduction,
+        weights=weights,
+        chosen_tokens=chosen_tokens,
+        totals=totals,
+    )
     return SimPOOutput(
+        contributions, chosen_rewards.detach(), rejected_rewards.detach(), nll, pair_losses
+    )
+
+
+# --- Other preference objectives -------------------------------------------------------------
+#
+# Each takes the summed response log-probs and token counts of a batch of pairs (PairLogps) and
+# returns the same contributions as simpo_loss (weighted mean of l_i plus an optional NLL term of
+# the chosen responses, scaled by the global-batch totals), with the chosen/rejected rewards that
+# the corresponding TRL trainer logs. Below, for pair i: c, r are the policy's summed log-probs of
+# the chosen and rejected responses, c0, r0 the reference model's, n_c, n_r their token counts.
+
+
+class PairLogps(NamedTuple):
+    """Per-sequence inputs of a preference objective; all tensors are ``[pairs]``."""
+
+    chosen: torch.Tensor
+    """Policy log-prob of each chosen response, summed over its tokens (``c``)."""
+    rejected: torch.Tensor
+    """Same for the rejected responses (``r``)."""
+    chosen_tokens: torch.Tensor
+    """Token count of each chosen response (``n_c`` >= 1)."""
+    rejected_tokens: torch.Tensor
+    """Token count of each rejected response (``n_r`` >= 1)."""
+    ref_chosen: torch.Tensor | None = None
+    """Reference model's summed log-prob of each chosen response (``c0``; DPO family only)."""
+    ref_rejected: torch.Tensor | None = None
+    """Same for the rejected responses (``r0``)."""
+
+
+class ObjectiveOutput(NamedTuple):
+    """Per-pair results of any objective in :data:`OBJECTIVES`; tensors are ``[pairs]``.
+
+    The first five fields mean what :class:`SimPOOutput`'s do (``losses`` and ``nll`` are
+    contributions, see the module docstring); only the rewards' definition is per objective.
+    """
+
+    losses: torch.Tensor
+    """Contribution of each pair to the objective (preference term + NLL term)."""
+    chosen_rewards: torch.Tensor
+    """Implicit reward of the chosen response, as TRL logs it for this objective (detached)."""
+    rejected_rewards: torch.Tensor
+    """Same for the rejected response (detached)."""
+    nll: torch.Tensor
+    """Contribution of each pair to the NLL term of the chosen responses (detached)."""
+    pair_losses: torch.Tensor
+    """Each pair's own, unweighted loss ``l_i + nll_weight * S_i / n_i`` (detached)."""
+    metrics: dict[str, torch.Tensor]
+    """Extra per-pair metrics of this objective (ORPO: ``log_odds_ratio``, ``log_odds_chosen``)."""
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, without cancellation (Maechler 2012: ``log(-expm1(x))``
+    near 0, ``log1p(-exp(x))`` below ``-log 2``). Both branches are finite for ``x < 0``, so
+    ``torch.where`` passes no NaN gradient."""
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _log_ratios(logps: PairLogps, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c - c0, r - r0)``, each ``[pairs]``; refuses a batch without reference log-probs."""
+    if logps.ref_chosen is None or logps.ref_rejected is None:
+        raise ValueError(
+            f"the {name!r} objective needs the reference model's log-probs (ref_chosen, "
+            "ref_rejected); score the data with the reference model first, or use a "
+            "reference-free objective (simpo, cpo, orpo)"
+        )
+    return logps.chosen - logps.ref_chosen, logps.rejected - logps.ref_rejected
+
+
+def _output(
+    losses: torch.Tensor,
+    logps: PairLogps,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    nll_weight: float,
+    sft_reduction: SFTReduction,
+    weights: torch.Tensor | None,
+    totals: torch.Tensor | None,
+    metrics: dict[str, torch.Tensor] | None = None,
+) -> ObjectiveOutput:
+    """Weights and reduces ``losses`` ``[pairs]`` (:func:`weighted_contributions`), the NLL
+    term being that of the chosen responses."""
+    contributions, nll, pair_losses = weighted_contributions(
+        losses,
+        -logps.chosen / logps.chosen_tokens.to(logps.chosen.dtype),  # S_i / n_i
+        nll_weight=nll_weight,
+        sft_reduction=sft_reduction,
+        weights=weights,
+        chosen_tokens=logps.chosen_tokens,
+        totals=totals,
+    )
+    return ObjectiveOutput(
         contributions,
         chosen_rewards.detach(),
         rejected_rewards.detach(),
-        nll.detach(),
-        pair_losses.detach(),
+        nll,
+        pair_losses,
+        {k: v.detach() for k, v in (metrics or {}).items()},
     )
+
+
+def dpo_loss(
+    logps: PairLogps,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+    sft_reduction: SFTReduction = "token",
+    weights: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
+) -> ObjectiveOutput:
+    """DPO (Rafailov et al., 2023), sigmoid loss, with cDPO label smoothing ``eps``:
+
+        z = (c - c0) - (r - r0);   l = -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)
+
+    Rewards: ``beta (c - c0)``, ``beta (r - r0)`` (TRL's ``DPOTrainer``). At ``c = c0``,
+    ``r = r0`` the loss is ``log 2`` for every ``eps``.
+
+    Args:
+        logps: :class:`PairLogps` with reference log-probs.
+        beta: KL-penalty strength.
+        label_smoothing: ``eps`` in [0, 0.5), the assumed label-flip probability.
+        sft_weight: weight of an NLL term of the chosen responses (RPO-style; 0: none).
+        sft_reduction, weights, totals: as in :func:`weighted_contributions`.
+    """
+    chosen, rejected = _log_ratios(logps, "dpo")
+    losses = conservative_sigmoid_loss(beta * (chosen - rejected), label_smoothing)
+    return _output(
+        losses,
+        logps,
+        beta * chosen,
+        beta * rejected,
+        nll_weight=sft_weight,
+        sft_reduction=sft_reduction,
+        weights=weights,
+        totals=totals,
+    )
+
+
+def dpo_norm_loss(
+    logps: PairLogps,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+    sft_reduction: SFTReduction = "token",
+    weights: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
+) -> ObjectiveOutput:
+    """Length-normalised DPO (Tülu 3's ``dpo_norm``; TRL's ``sigmoid_norm``): DPO on the log-ratios
+    per token,
+
+        z = (c - c0) / n_c - (r - r0) / n_r
+        l = -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)
+
+    Rewards: ``beta (c - c0)``, ``beta (r - r0)`` (summed log-ratios, as TRL logs them). Arguments
+    as :func:`dpo_loss`.
+    """
+    chosen, rejected = _log_ratios(logps, "dpo-norm")
+    dtype = chosen.dtype
+    z = chosen / logps.chosen_tokens.to(dtype) - rejected / logps.rejected_tokens.to(dtype)
+    losses = conservative_sigmoid_loss(beta * z, label_smoothing)
+    return _output(
+        losses,
+        logps,
+        beta * chosen,
+        beta * rejected,
+        nll_weight=sft_weight,
+        sft_reduction=sft_reduction,
+        weights=weights,
+        totals=totals,
+    )
+
+
+def ipo_loss(
+    logps: PairLogps,
+    *,
+    beta: float,
+    sft_weight: float = 0.0,
+    sft_reduction: SFTReduction = "token",
+    weights: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
+) -> ObjectiveOutput:
+    """IPO (Azar et al., 2023, eq. 17) on log-ratios per token, as TRL computes it (confirmed
+    with the IPO authors, see TRL's ``DPOTrainer``):
+
+        z = (c - c0) / n_c - (r - r0) / n_r;   l = (z - 1 / (2 beta))^2
+
+    minimal (0) at ``z = 1 / (2 beta)``. ``beta`` is the paper's ``tau``; no label smoothing.
+    Rewards: ``beta (c - c0)``, ``beta (r - r0)``. Other arguments as :func:`dpo_loss`.
+    """
+    chosen, rejected = _log_ratios(logps, "ipo")
+    dtype = chosen.dtype
+    z = chosen / logps.chosen_tokens.to(dtype) - rejected / logps.rejected_tokens.to(dtype)
+    losses = (z - 1.0 / (2.0 * beta)) ** 2
+    return _output(
+        losses,
+        logps,
+        beta * chosen,
+        beta * rejected,
+        nll_weight=sft_weight,
+        sft_reduction=sft_reduction,
+        weights=weights,
+        totals=totals,
+    )
+
+
+def dpo_hinge_loss(
+    logps: PairLogps,
+    *,
+    beta: float,
+    sft_weight: float = 0.0,
+    sft_reduction: SFTReduction = "token",
+    weights: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
+) -> ObjectiveOutput:
+    """DPO with the hinge loss of SLiC (Zhao et al., 2023; TRL's ``hinge``):
+
+        z = (c - c0) - (r - r0);   l = relu(1 - beta z)
+
+    No label smoothing. Rewards: ``beta (c - c0)``, ``beta (r - r0)``. Other arguments as
+    :func:`dpo_loss`.
+    """
+    chosen, rejected = _log_ratios(logps, "dpo-hinge")
+    losses = torch.relu(1.0 - beta * (chosen - rejected))
+    return _output(
+        losses,
+        logps,
+        beta * chosen,
+        beta * rejected,
+        nll_weight=sft_weight,
+        sft_reduction=sft_reduction,
+        weights=weights,
+        totals=totals,
+    )
+
+
+def cpo_loss(
+    logps: PairLogps,
+    *,
+    beta: float,
+    cpo_alpha: float = 1.0,
+    label_smoothing: float = 0.0,
+    sft_reduction: SFTReduction = "token",
+    weights: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
+) -> ObjectiveOutput:
+    """CPO (Xu et al., 2024, eq. 3; TRL's ``CPOTrainer`` with ``loss_type="sigmoid"``), reference
+    free, on *summed* log-probs, plus ``cpo_alpha`` times the NLL of the chosen responses:
+
+        l = -(1 - eps) log sigmoid(beta (c - r)) - eps log sigmoid(-beta (c - r))
+        L = sum_i w_i l_i / sum_i w_i + cpo_alpha * NLL
+
+    Rewards: ``beta c``, ``beta r``.
+
+    Args:
+        logps: :class:`PairLogps` (reference log-probs unused).
+        beta: temperature of the preference term.
+        cpo_alpha: weight of the NLL term (TRL's default 1).
+        label_smoothing: ``eps`` in [0, 0.5).
+        sft_reduction, weights, totals: as in :func:`weighted_contributions` (``"token"`` is
+            TRL's cross-entropy over all chosen tokens).
+    """
+    losses = conservative_sigmoid_loss(beta * (logps.chosen - logps.rejected), label_smoothing)
+    return _output(
+        losses,
+        logps,
+        beta * logps.chosen,
+        beta * logps.rejected,
+        nll_weight=cpo_alpha,
+        sft_reduction=sft_reduction,
+        weights=weights,
+        totals=totals,
+    )
+
+
+def orpo_loss(
+    logps: PairLogps,
+    *,
+    beta: float,
+    sft_reduction: SFTReduction = "token",
+    weights: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
+) -> ObjectiveOutput:
+    """ORPO (Hong et al., 2024, eqs. 4-7; TRL's ``ORPOTrainer``), reference free, on mean
+    log-probs ``m_c = c / n_c``, ``m_r = r / n_r``:
+
+        log_odds = (m_c - m_r) - (log(1 - exp(m_c)) - log(1 - exp(m_r)))
+        l = -beta log sigmoid(log_odds);   L = NLL + sum_i w_i l_i / sum_i w_i
+
+    ``beta`` is the paper's ``lambda`` (TRL's name for it). ``log_odds`` is 0 when ``m_c = m_r``
+    (then ``l = beta log 2``). Rewards: ``beta m_c``, ``beta m_r``. Extra metrics per pair:
+    ``log_odds_ratio = log sigmoid(log_odds)`` and ``log_odds_chosen = log_odds`` (TRL's names;
+    TRL logs their batch means). Mean log-probs must be < 0 (a response of probability 1 has
+    infinite odds).
+
+    Args:
+        logps: :class:`PairLogps` (reference log-probs unused).
+        beta: weight of the odds-ratio term.
+        sft_reduction, weights, totals: as in :func:`weighted_contributions`.
+    """
+    dtype = logps.chosen.dtype
+    mean_c = logps.chosen / logps.chosen_tokens.to(dtype)
+    mean_r = logps.rejected / logps.rejected_tokens.to(dtype)
+    log_odds = (mean_c - mean_r) - (log1mexp(mean_c) - log1mexp(mean_r))
+    ratio = F.logsigmoid(log_odds)
+    return _output(
+        -beta * ratio,
+        logps,
+        beta * mean_c,
+        beta * mean_r,
+        nll_weight=1.0,
+        sft_reduction=sft_reduction,
+        weights=weights,
+        totals=totals,
+        metrics={"log_odds_ratio": ratio, "log_odds_chosen": log_odds},
+    )
+
+
+def simpo_objective(
+    logps: PairLogps,
+    *,
+    beta: float,
+    gamma_beta_ratio: float | None = None,
+    simpo_gamma: float | None = None,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+    sft_reduction: SFTReduction = "token",
+    weights: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
+) -> ObjectiveOutput:
+    """:func:`simpo_loss` on the mean log-probs ``c / n_c``, ``r / n_r``, in the interface of
+    :data:`OBJECTIVES` (same arguments; rewards ``beta c / n_c``, ``beta r / n_r``)."""
+    dtype = logps.chosen.dtype
+    out = simpo_loss(
+        logps.chosen / logps.chosen_tokens.to(dtype),
+        logps.rejected / logps.rejected_tokens.to(dtype),
+        beta=beta,
+        gamma_beta_ratio=gamma_beta_ratio,
+        simpo_gamma=simpo_gamma,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        sft_weight=sft_weight,
+        sft_reduction=sft_reduction,
+        weights=weights,
+        chosen_tokens=logps.chosen_tokens,
+        totals=totals,
+    )
+    return ObjectiveOutput(*out, {})
+
+
+#: ``--loss`` name -> objective; each is called as ``fn(PairLogps(...), beta=..., **options)``.
+OBJECTIVES: dict[str, Callable[..., ObjectiveOutput]] = {
+    "simpo": simpo_objective,
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "dpo-hinge": dpo_hinge_loss,
+    "dpo-norm": dpo_norm_loss,
+    "cpo": cpo_loss,
+    "orpo": orpo_loss,
+}
+
+#: Objectives that need the reference model's log-probs in :class:`PairLogps`.
+NEEDS_REFERENCE = frozenset({"dpo", "ipo", "dpo-hinge", "dpo-norm"})
