@@ -29,6 +29,11 @@ class Pair:
     chosen_ids: tuple[int, ...]
     rejected_ids: tuple[int, ...]
     weight: float = 1.0
+    ref_chosen_logp: float | None = None
+    """Summed log-prob of the chosen response tokens under the reference model (DPO family;
+    written by ``megatron-simpo score-reference``), None when the dataset has none."""
+    ref_rejected_logp: float | None = None
+    """The same for the rejected response."""
 
 
 def global_batch_indices(
