@@ -66,9 +66,10 @@ def main() -> None:
     parallel.init_distributed()
     import torch
 
+    from megatron_simpo.batch_loss import reduce_reports
     from megatron_simpo.config import RunConfig
     from megatron_simpo.data import PairBatcher
-    from megatron_simpo.step import reduce_reports, run_forward_backward
+    from megatron_simpo.step import run_forward_backward
     from megatron_simpo.train import Trainer
 
     n_pairs = args.global_batch_size * (args.steps + 1)

@@ -73,7 +73,8 @@ def main() -> None:
     from megatron_simpo.attention import resolve_attention_backend
     from megatron_simpo.cli import build_parser, config_from_args
     from megatron_simpo.model import have_transformer_engine
-    from megatron_simpo.train import Trainer, peak_memory_gib
+    from megatron_simpo.report import peak_memory_gib
+    from megatron_simpo.train import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_throughput_"))
     n_pairs = args.global_batch_size * (args.steps + args.warmup)

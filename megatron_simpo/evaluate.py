@@ -26,13 +26,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_simpo import checkpointing, parallel
+from megatron_simpo.batch_loss import PAIR_KEYS as PER_PAIR_KEYS
+from megatron_simpo.batch_loss import SCORED_KEYS, loss_kwargs, summarize_totals
 from megatron_simpo.config import LossConfig, RunConfig
 from megatron_simpo.data import Pair, collate, pairs_for, prepare_for_run
 from megatron_simpo.loss import simpo_loss
 from megatron_simpo.model import build_model
 from megatron_simpo.progress import progress
-from megatron_simpo.step import PAIR_KEYS as PER_PAIR_KEYS
-from megatron_simpo.step import SCORED_KEYS, loss_kwargs, run_forward_backward, summarize_totals
+from megatron_simpo.step import run_forward_backward
 
 
 def _pad_to(n: int, multiple: int) -> int:

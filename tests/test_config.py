@@ -126,8 +126,8 @@ def test_default_margin_reaches_the_loss():
 
     import torch
 
+    from megatron_simpo.batch_loss import pair_metrics
     from megatron_simpo.config import LossConfig
-    from megatron_simpo.step import pair_metrics
 
     cfg = LossConfig(beta=2.0)
     # One pair, chosen and rejected 2 response tokens each, mean log-probs -1.0 and -1.25:

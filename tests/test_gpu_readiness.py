@@ -217,8 +217,8 @@ def _fp16_gradients() -> dict:
     """One SimPO step in fp32 and in fp16 from the same weights on the same micro-batch: the
     gradient each optimizer steps with, and how far each step moved the weights."""
     from megatron_simpo.data import Pair, collate
+    from megatron_simpo.optim import build_optimizer
     from megatron_simpo.step import train_step
-    from megatron_simpo.train import build_optimizer
 
     g = torch.Generator().manual_seed(7)
 
@@ -348,7 +348,7 @@ def test_fp16_steps_with_the_true_gradient(facts):
 
 
 def test_fp16_overflow_skips_do_not_count_towards_the_abort():
-    from megatron_simpo.train import is_loss_scale_search
+    from megatron_simpo.optim import is_loss_scale_search
 
     assert is_loss_scale_search({"loss": 1.3, "loss_scale": 8192.0})
     assert not is_loss_scale_search({"loss": 1.3, "loss_scale": 1.0})  # at its minimum

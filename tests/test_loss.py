@@ -275,8 +275,13 @@ def _step_metrics(pairs, mbs, loss_cfg, seed=11):
     """The training step's reduction of fresh random token log-probs, without a model: each
     micro-batch through ``pair_metrics`` and ``micro_batch_report``, the sums through
     ``summarize_totals`` (what ``reduce_reports`` does after its all-reduce)."""
+    from megatron_simpo.batch_loss import (
+        REPORT_KEYS,
+        micro_batch_report,
+        pair_metrics,
+        summarize_totals,
+    )
     from megatron_simpo.data import PairBatcher
-    from megatron_simpo.step import REPORT_KEYS, micro_batch_report, pair_metrics, summarize_totals
 
     batcher = PairBatcher(
         pairs, global_batch_size=len(pairs), micro_batch_size=mbs, dp_rank=0, dp_size=1, seed=0

@@ -176,8 +176,8 @@ def test_shared_pair_flops_without_a_prefix_are_two_sequences():
 def test_prefix_shared_token_counts_are_what_is_computed(pack):
     """``tokens`` counts the prompt once per prefix-shared pair; ``tokens_effective`` counts it
     for both sequences, as the padded layout computes them."""
+    from megatron_simpo.batch_loss import token_counts
     from megatron_simpo.data import collate
-    from megatron_simpo.step import token_counts
 
     rng = np.random.default_rng(8)
     pairs = [

@@ -189,8 +189,9 @@ def magnitude(values: dict, key: str) -> float:
 def _run(trainer, mode: str, mbs: int, pairs: list[Pair]):
     from megatron.core import parallel_state as ps
 
+    from megatron_simpo.batch_loss import reduce_reports
     from megatron_simpo.data import PairBatcher
-    from megatron_simpo.step import reduce_reports, run_forward_backward
+    from megatron_simpo.step import run_forward_backward
 
     p = trainer.cfg.parallel
     batcher = PairBatcher(

@@ -471,9 +471,9 @@ def _requeue(monkeypatch, tmp_path, path: str, marker: bool) -> str:
     import contextlib
     import io
 
-    from megatron_simpo import train
+    from megatron_simpo import run_control
 
-    monkeypatch.setattr(train.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(run_control.dist, "get_rank", lambda: 0)
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     monkeypatch.setenv("PATH", path)
     if marker:
@@ -482,7 +482,7 @@ def _requeue(monkeypatch, tmp_path, path: str, marker: bool) -> str:
         monkeypatch.delenv("MEGATRON_SIMPO_REQUEUE_FILE", raising=False)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        train.Trainer.requeue(None)  # uses no trainer state
+        run_control.requeue()
     return out.getvalue()
 
 

@@ -29,11 +29,12 @@ parallel.init_distributed()
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron_simpo import checkpointing, step  # noqa: E402
+from megatron_simpo import batch_loss, checkpointing  # noqa: E402
+from megatron_simpo.batch_loss import reduce_reports  # noqa: E402
 from megatron_simpo.config import RunConfig  # noqa: E402
 from megatron_simpo.data import Subset  # noqa: E402
 from megatron_simpo.evaluate import score_pairs  # noqa: E402
-from megatron_simpo.step import reduce_reports, run_forward_backward  # noqa: E402
+from megatron_simpo.step import run_forward_backward  # noqa: E402
 from megatron_simpo.train import Trainer  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def dtypes_of(trainer: Trainer) -> dict[str, list[str]]:
 def record_loss_dtypes(seen: dict[str, set]) -> None:
     """Wraps the loss function to record the dtypes of what it hands the schedule (the loss
     that backward starts from) and of the per-pair log-probs."""
-    original = step._loss_func
+    original = batch_loss.loss_func
 
     def recording(*args, **kwargs):
         loss, count, report = original(*args, **kwargs)
@@ -101,7 +102,7 @@ def record_loss_dtypes(seen: dict[str, set]) -> None:
         seen.setdefault("logps", set()).add(str(logps.dtype).removeprefix("torch."))
         return loss, count, report
 
-    step._loss_func = recording
+    batch_loss.loss_func = recording
 
 
 LOSS_DTYPES: dict[str, set] = {}

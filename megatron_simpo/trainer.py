@@ -1,0 +1,230 @@
+"""The trainer: a run's model chunks, optimizer, data and loop, for one parallel layout.
+
+The pieces it composes each live in their own module: the step (``step.py``), the optimizer
+(``optim.py``), the iteration's report (``report.py``), stops, skips and requeue
+(``run_control.py``), checkpoints (``checkpointing.py``), metrics (``metrics.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
+
+from megatron_simpo import checkpointing, flops, parallel, report, run_control
+from megatron_simpo.alarms import DriftMonitor
+from megatron_simpo.config import RunConfig
+from megatron_simpo.data import PairBatcher, Subset, pairs_for, split_heldout
+from megatron_simpo.errors import TrainingError
+from megatron_simpo.metrics import MetricsWriter, console_line, eval_line
+from megatron_simpo.model import build_model, model_dtype, wrap_ddp
+from megatron_simpo.optim import build_optimizer
+from megatron_simpo.step import train_step
+
+
+def is_logging_rank() -> bool:
+    """First rank of the last pipeline stage (the one that holds the loss)."""
+    return (
+        ps.is_pipeline_last_stage()
+        and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_data_parallel_rank() == 0
+    )
+
+
+#: fp16's first dynamic loss scale. torch.amp's default: from Megatron's 2**32 the scale needs
+
+
+class Trainer:
+    """Owns the model chunks, optimizer, data and the loop; one per parallel layout."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.iteration = 0
+        self.consumed_pairs = 0
+        self.peak_tflops = cfg.logging.peak_tflops or flops.detect_peak_tflops(model_dtype(cfg))
+        self.stops = run_control.StopControl(cfg.train.exit_duration_in_mins)
+        self.skips = run_control.SkipCounter(cfg.train.max_skipped_iters)
+        self._phase = "during setup"
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        cfg.validate(world_size=dist.get_world_size())
+        p = cfg.parallel
+        parallel.init_model_parallel_for(cfg)
+        # Read (and validate) the data before building anything expensive.
+        pairs = pairs_for(cfg, cfg.data.data_path)
+        self.eval_pairs = None
+        if cfg.data.eval_data_path:
+            self.eval_pairs = pairs_for(cfg, cfg.data.eval_data_path)
+        elif cfg.data.eval_split_ratio:
+            pairs, self.eval_pairs = split_heldout(pairs, cfg.data.eval_split_ratio, cfg.train.seed)
+        self.batcher = PairBatcher(
+            pairs,
+            global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=cfg.train.micro_batch_size,
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            seed=cfg.train.seed,
+            pad_multiple=p.tensor_model_parallel_size if p.sequence_parallel else 1,
+            uniform_length=p.pipeline_model_parallel_size > 1,
+            pack_pairs=cfg.train.pack_pairs,
+            prefix_sharing=cfg.train.prefix_sharing,
+            capacity=cfg.train.seq_length,
+        )
+        chunks = build_model(cfg)
+        self.model = wrap_ddp(chunks, cfg)
+        chunks[0].config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        # The same command is requeue-safe: a checkpoint already under --save wins over --load.
+        source = cfg.train.load
+        if cfg.train.save and checkpointing.checkpoint_dir(cfg.train.save) is not None:
+            source = cfg.train.save
+        if source:
+            info = checkpointing.load_checkpoint(source, self.model, self.optimizer, self.scheduler)
+            if dist.get_rank() == 0:
+                kind = "resuming" if info["resumed_optimizer"] else "starting from"
+                print(f"{kind} {source} (iteration {info.get('iteration', 0)})", flush=True)
+            if info["resumed_optimizer"]:
+                self.iteration = int(info.get("iteration", 0))
+                self.consumed_pairs = int(info.get("consumed_pairs", 0))
+
+    def step(self, after_backward: Callable[[], None] | None = None) -> dict[str, float]:
+        """One optimizer step on the next global batch (see ``step.train_step``)."""
+        start = time.perf_counter()
+        micro_batches, seq_len = self.batcher.micro_batches(self.iteration)
+        metrics = train_step(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            micro_batches,
+            seq_len,
+            self.cfg.loss,
+            self.cfg.model.vocab_size,
+            after_backward,
+        )
+        self.iteration += 1
+        self.consumed_pairs += self.cfg.train.global_batch_size
+        self.skips.record(self.iteration, metrics)
+        metrics["skipped_iters"] = float(self.skips.total)
+        dt = time.perf_counter() - start
+        metrics.update(
+            iteration_time=dt,
+            tokens_per_sec=metrics["tokens"] / dt,
+            tokens_per_sec_effective=metrics["tokens_effective"] / dt,
+            pairs_per_sec=metrics["pairs"] / dt,
+            consumed_pairs=float(self.consumed_pairs),
+        )
+        metrics.update(
+            report.throughput_and_memory(self.cfg.model, micro_batches, dt, self.peak_tflops)
+        )
+        return metrics
+
+    def evaluate_heldout(self) -> dict[str, float]:
+        """SimPO metrics on the held-out pairs (``eval/`` prefix), on the logging rank (empty
+        elsewhere); collective."""
+        from megatron_simpo.evaluate import score_pairs, summarize
+
+        pairs = self.eval_pairs
+        if self.cfg.logging.eval_iters is not None:
+            n = min(len(pairs), self.cfg.logging.eval_iters * self.cfg.train.global_batch_size)
+            pairs = Subset(pairs, list(range(n)))
+        rows = score_pairs(self.model, self.cfg, pairs)
+        return {f"eval/{k}": v for k, v in summarize(rows, self.cfg.loss).items()} if rows else {}
+
+    def generation_probe(self) -> tuple[dict[str, float], list[str]]:
+        """Greedy continuations of the first ``--gen-prompts`` held-out prompts by the policy
+        (collective): the ``gen/`` metrics and the texts."""
+        from megatron_simpo import generate
+
+        if not hasattr(self, "_probe"):
+            lg = self.cfg.logging
+            prompts = generate.probe_prompts(self.eval_pairs, lg.gen_prompts)
+            tokenizer = generate.load_probe_tokenizer(self.cfg, self.eval_pairs)
+            eos = generate.resolve_eos_id(self.cfg, tokenizer, self.eval_pairs)
+            self._probe = (prompts, tokenizer, eos)
+        prompts, tokenizer, eos = self._probe
+        out = generate.greedy_generate(
+            self.model, self.cfg, prompts, self.cfg.logging.gen_max_new_tokens, eos
+        )
+        return generate.probe_metrics(out, eos), generate.decode_texts(out, tokenizer, eos)
+
+    def save(self) -> None:
+        checkpointing.copy_hf_side_files(self.cfg.train.load, self.cfg.train.save)
+        checkpointing.save_checkpoint(
+            self.cfg.train.save,
+            self.iteration,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            run_state={"consumed_pairs": self.consumed_pairs, "config": self.cfg.to_dict()},
+            keep_last=self.cfg.train.keep_last,
+        )
+
+    def train(self) -> list[dict[str, float]]:
+        """The loop: steps, logs, periodic and final checkpoints; returns logged metrics."""
+        cfg = self.cfg
+        t = cfg.train
+        log_rank = is_logging_rank()
+        writer = MetricsWriter(cfg.logging.tensorboard_dir if log_rank else None, cfg.to_dict())
+        drift = DriftMonitor.from_config(cfg.logging)
+        history = []
+        start = time.time()
+        saved_at = self.iteration
+        try:
+            while self.iteration < t.train_iters:
+                self._phase = f"in iteration {self.iteration + 1}"
+                metrics = self.step()
+                history.append(metrics)
+                it = self.iteration
+                ev = cfg.logging.eval_interval
+                if self.eval_pairs is not None and ev and (it % ev == 0 or it == t.train_iters):
+                    metrics.update(self.evaluate_heldout())
+                    if log_rank:
+                        print(eval_line(it, metrics), flush=True)
+                gi = cfg.logging.gen_interval
+                if gi and self.eval_pairs is not None and (it % gi == 0 or it == t.train_iters):
+                    gen, texts = self.generation_probe()
+                    metrics.update(gen)
+                    if log_rank:
+                        writer.text("gen/texts", report.markdown_texts(texts), it)
+                        print(report.gen_line(it, gen, texts), flush=True)
+                logged = it % cfg.logging.log_interval == 0 or it == t.train_iters
+                if logged and log_rank:
+                    writer.write(it, metrics)
+                    print(console_line(it, t.train_iters, metrics, start), flush=True)
+                if log_rank and (logged or any(k.startswith("eval/") for k in metrics)):
+                    for warning in drift.update(it, metrics):
+                        print(f"WARNING: {warning}", flush=True)
+                        writer.text("alarms", warning, it)
+                if t.save and t.save_interval and it % t.save_interval == 0:
+                    self._phase = f"while saving the checkpoint of iteration {it}"
+                    self.save()
+                    saved_at = it
+                if t.exit_interval and it % t.exit_interval == 0:
+                    break
+                if self.stops.should_stop(start):
+                    if dist.get_rank() == 0:
+                        print(f"stopping at iteration {it}: {self.stops.reason}", flush=True)
+                    break
+            if t.save and saved_at != self.iteration:
+                self._phase = f"while saving the checkpoint of iteration {self.iteration}"
+                self.save()
+                saved_at = self.iteration
+        except (dist.DistBackendError, dist.DistError, RuntimeError) as e:
+            if isinstance(e, TrainingError) or not run_control.is_communication_failure(e):
+                raise
+            raise run_control.collective_failure(
+                e, self._phase, time.time() - start, t.save, saved_at
+            ) from e
+        finally:
+            writer.close()
+        return history
+
+    @property
+    def requeue_wanted(self) -> bool:
+        """Stopped by a signal or the time limit with ``--slurm-requeue``: the job should go
+        back to the queue (``run_control.requeue``, once everything is torn down)."""
+        return self.cfg.train.slurm_requeue and self.stops.stopped_early
