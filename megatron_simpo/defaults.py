@@ -162,8 +162,7 @@ def resolve_for_run(cfg: RunConfig, announce: bool = True) -> RunConfig:
     import torch
     import torch.distributed as dist
 
-    from megatron_simpo.compat import have_transformer_engine
-    from megatron_simpo.model import model_dtype
+    from megatron_simpo.model import have_transformer_engine, model_dtype
 
     te = have_transformer_engine() and torch.cuda.is_available()
     dtype_bytes = torch.empty((), dtype=model_dtype(cfg)).element_size()
