@@ -122,13 +122,20 @@ def resolve_fused_loss_head(
     args = (tokens, vocab_per_rank, hidden, dtype_bytes)
     fused, unfused = fused_head_bytes(*args, chunk), unfused_head_bytes(*args)
     threshold = fused_head_threshold(hidden, dtype_bytes, chunk)
-    mib = 2**20
     why = (
-        f"modelled peak {fused / mib:.0f} MiB fused vs {unfused / mib:.0f} MiB unfused at "
+        f"modelled peak {_size(fused)} fused vs {_size(unfused)} unfused at "
         f"{tokens} tokens/micro-batch (threshold {threshold} tokens)"
     )
     on = fused < unfused
     return on, f"default {'on' if on else 'off'}: {why}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
 
 
 def resolve(cfg: RunConfig, te_available: bool, dtype_bytes: int) -> tuple[RunConfig, dict]:
