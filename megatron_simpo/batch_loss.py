@@ -63,7 +63,7 @@ def loss_kwargs(loss_cfg: LossConfig) -> dict:
     """The keyword arguments of ``simpo_loss`` that come from the config (the margin is always
     passed as the absolute ``LossConfig.gamma``, where its default is defined)."""
     return dict(
-        beta=loss_cfg.beta,
+        beta=loss_cfg.resolved_beta,
         simpo_gamma=loss_cfg.gamma,
         loss_type=loss_cfg.loss_type,
         label_smoothing=loss_cfg.label_smoothing,
@@ -79,6 +79,8 @@ def pair_metrics(
     micro-batch from target log-probs ``[rows, s]`` (padded: ``2b`` rows, chosen first; packed:
     ``seq_index`` maps targets to sequences). ``batch["batch_totals"]`` (the global batch's,
     from ``PairBatcher``) scales the contributions; without it the micro-batch is the batch."""
+    if loss_cfg.objective != "simpo":  # until the batch carries what the others need
+        raise NotImplementedError(f"--loss {loss_cfg.objective} is not wired into training yet")
     if "seq_index" in batch:  # --pack-pairs / --prefix-sharing (megatron_simpo/data/packing.py)
         num_seqs = 2 * batch["weights"].shape[0]
         _, mean, count = packed_sequence_logps(
