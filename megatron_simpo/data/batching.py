@@ -54,6 +54,32 @@ def global_batch_indices(
     return out
 
 
+def reference_logps(pairs: Sequence[Pair]) -> torch.Tensor | None:
+    """The reference model's summed log-probs of some pairs' responses, ``[2b]`` float64 in the
+    micro-batch's sequence order (chosen of each pair, then rejected; also packing's
+    ``seq_index``), or None when the pairs have none. A mix is refused: the reference columns
+    are all or nothing (``megatron-simpo score-reference`` writes them for every row)."""
+    refs = [(p.ref_chosen_logp, p.ref_rejected_logp) for p in pairs]
+    missing = sum(c is None or r is None for c, r in refs)
+    if missing == len(refs):
+        return None
+    if missing:
+        raise ValueError(
+            f"{missing} of {len(refs)} pairs lack reference log-probs; rerun "
+            "`megatron-simpo score-reference` on the whole dataset"
+        )
+    return torch.tensor([c for c, _ in refs] + [r for _, r in refs], dtype=torch.float64)
+
+
+def with_reference(batch: dict[str, torch.Tensor], pairs: Sequence[Pair]) -> dict:
+    """``batch`` (a micro-batch of ``pairs``, padded or packed) with ``ref_logps`` ``[2b]``
+    (:func:`reference_logps`) when the pairs have reference log-probs; returns ``batch``."""
+    ref = reference_logps(pairs)
+    if ref is not None:
+        batch["ref_logps"] = ref
+    return batch
+
+
 def collate(pairs: list[Pair], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Builds one micro-batch of whole pairs (rows: chosen of each pair, then rejected).
 
@@ -63,7 +89,8 @@ def collate(pairs: list[Pair], seq_len: int, pad_id: int = 0) -> dict[str, torch
     Returns:
         ``tokens`` ``[2b, seq_len]`` int64, ``labels`` ``[2b, seq_len]`` int64, ``loss_mask``
         ``[2b, seq_len]`` float, ``position_ids`` ``[2b, seq_len]`` int64, ``weights`` ``[b]``,
-        ``lengths`` ``[2b]`` response lengths, ``seq_tokens`` ``[2b]`` prompt+response lengths.
+        ``lengths`` ``[2b]`` response lengths, ``seq_tokens`` ``[2b]`` prompt+response lengths;
+        with reference log-probs also ``ref_logps`` ``[2b]`` float64 (:func:`with_reference`).
     """
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [
         (p.prompt_ids, p.rejected_ids) for p in pairs
@@ -86,7 +113,7 @@ def collate(pairs: list[Pair], seq_len: int, pad_id: int = 0) -> dict[str, torch
         seq_tokens[r] = len(seq)
     if bool((loss_mask.sum(-1) == 0).any()):
         raise ValueError("a pair without response tokens reached collation; validate the data")
-    return {
+    batch = {
         "tokens": tokens,
         "labels": labels,
         "loss_mask": loss_mask,
@@ -95,6 +122,7 @@ def collate(pairs: list[Pair], seq_len: int, pad_id: int = 0) -> dict[str, torch
         "lengths": lengths,
         "seq_tokens": seq_tokens,
     }
+    return with_reference(batch, pairs)
 
 
 class PairBatcher:
@@ -188,5 +216,8 @@ class PairBatcher:
                 for g in groups
             ]
             width, num_rows = max(map(row_width, rows)), max(map(len, rows))
-        batches = [collate_packed(g, width=width, num_rows=num_rows, **kw) for g in groups]
+        batches = [
+            with_reference(collate_packed(g, width=width, num_rows=num_rows, **kw), g)
+            for g in groups
+        ]
         return batches, max(mb["tokens"].shape[1] for mb in batches)
