@@ -21,6 +21,7 @@ from megatron_simpo.batch_loss import (
 from megatron_simpo.config import LossConfig
 from megatron_simpo.data import Pair, PairBatcher
 from megatron_simpo.data.batching import collate, global_batch_indices
+from megatron_simpo.data.packing import collate_packed
 from megatron_simpo.evaluate import summarize
 from megatron_simpo.loss import PairLogps
 
@@ -180,6 +181,9 @@ def test_reference_logps_travel_with_their_pairs():
     assert "ref_logps" not in collate(plain, 24)
     with pytest.raises(ValueError, match="score-reference"):
         collate([pairs[0], plain[1]], 24)
+    # Packed / prefix-shared rows (as evaluate collates them too): the same [2b] order.
+    packed = collate_packed(pairs, capacity=24, prefix_sharing=True, pack=True)
+    assert packed["ref_logps"].tolist() == want
 
 
 def test_dpo_without_reference_logps_is_refused():

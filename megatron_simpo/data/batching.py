@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_simpo.data.packing import collate_packed, pack_rows, row_width
+from megatron_simpo.data.reference import with_reference
 from megatron_simpo.loss import batch_totals
 
 
@@ -52,32 +53,6 @@ def global_batch_indices(
         perm = torch.randperm(num_pairs, generator=gen).tolist()
         out.extend(perm[offset : offset + global_batch_size - len(out)])
     return out
-
-
-def reference_logps(pairs: Sequence[Pair]) -> torch.Tensor | None:
-    """The reference model's summed log-probs of some pairs' responses, ``[2b]`` float64 in the
-    micro-batch's sequence order (chosen of each pair, then rejected; also packing's
-    ``seq_index``), or None when the pairs have none. A mix is refused: the reference columns
-    are all or nothing (``megatron-simpo score-reference`` writes them for every row)."""
-    refs = [(p.ref_chosen_logp, p.ref_rejected_logp) for p in pairs]
-    missing = sum(c is None or r is None for c, r in refs)
-    if missing == len(refs):
-        return None
-    if missing:
-        raise ValueError(
-            f"{missing} of {len(refs)} pairs lack reference log-probs; rerun "
-            "`megatron-simpo score-reference` on the whole dataset"
-        )
-    return torch.tensor([c for c, _ in refs] + [r for _, r in refs], dtype=torch.float64)
-
-
-def with_reference(batch: dict[str, torch.Tensor], pairs: Sequence[Pair]) -> dict:
-    """``batch`` (a micro-batch of ``pairs``, padded or packed) with ``ref_logps`` ``[2b]``
-    (:func:`reference_logps`) when the pairs have reference log-probs; returns ``batch``."""
-    ref = reference_logps(pairs)
-    if ref is not None:
-        batch["ref_logps"] = ref
-    return batch
 
 
 def collate(pairs: list[Pair], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -216,8 +191,5 @@ class PairBatcher:
                 for g in groups
             ]
             width, num_rows = max(map(row_width, rows)), max(map(len, rows))
-        batches = [
-            with_reference(collate_packed(g, width=width, num_rows=num_rows, **kw), g)
-            for g in groups
-        ]
+        batches = [collate_packed(g, width=width, num_rows=num_rows, **kw) for g in groups]
         return batches, max(mb["tokens"].shape[1] for mb in batches)
