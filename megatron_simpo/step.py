@@ -98,7 +98,7 @@ def train_step(
     reports = run_forward_backward(model, micro_batches, seq_len, loss_cfg, vocab_size)
     if after_backward is not None:
         after_backward()
-    metrics = reduce_reports(reports)
+    metrics = reduce_reports(reports, loss_cfg)
     lr = optimizer.param_groups[0]["lr"]
     update_ok, grad_norm = False, None
     # A non-finite loss or gradient must never reach the weights (or Adam's moments): skip the
