@@ -170,6 +170,14 @@ class ParallelConfig:
     """Shard activations along the sequence in the non-tensor-parallel regions (needs TP > 1)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state (and fp32 master weights) over data-parallel ranks."""
+    overlap_grad_reduce: bool = True
+    """With --use-distributed-optimizer: reduce-scatter each gradient bucket as soon as the
+    last micro-batch's backward has filled it, overlapped with the rest of backward (Megatron's
+    DDP); --no-overlap-grad-reduce reduces after backward. No effect without it."""
+    overlap_param_gather: bool = True
+    """With --use-distributed-optimizer: all-gather the updated parameters bucket by bucket in
+    the next forward (forward pre-hooks) instead of at the end of the optimizer step;
+    --no-overlap-param-gather gathers in the step. No effect without it."""
     distributed_timeout_minutes: int = 10
     """Timeout of collectives, so a dead rank surfaces as an error instead of a hang."""
 

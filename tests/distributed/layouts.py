@@ -80,6 +80,10 @@ LAYOUTS: dict[str, Layout] = {
     "pp2_vpp2": Layout(
         2, "tp1", {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1}
     ),
+    # Distributed optimizer with its overlapped gradient reduce-scatter and parameter all-gather
+    # (the defaults): 4 one-pair micro-batches per rank, so the reduction must wait for the
+    # last one (no_sync), and the all-gather of step i's update happens in step i+1's forward.
+    "dp2_distopt": Layout(2, "tp1", {"use_distributed_optimizer": True}, {"micro_batch_size": 1}),
     "tp2_bf16": Layout(2, "tp1_bf16", {"tensor_model_parallel_size": 2}, BF16),
     "pp2_bf16": Layout(2, "tp1_bf16", {"pipeline_model_parallel_size": 2}, BF16),
     "tp2_pp2": Layout(4, "tp1", TP2_PP2),
