@@ -382,16 +382,22 @@ class TrainConfig:
     """Core attention: 'te' (Transformer Engine), 'sdpa' (torch scaled_dot_product_attention,
     fused kernels, no TE needed), 'local' (Megatron's unfused reference); 'auto' is te when TE
     is installed and CUDA present, else sdpa."""
-    fused_loss_head: bool = False
+    fused_loss_head: bool | None = None
     """Compute the output layer and the vocab-parallel log-probs together, chunk by chunk of
-    tokens (recomputed in backward), never materialising the [tokens x vocab/TP] logits."""
+    tokens (recomputed in backward), never materialising the [tokens x vocab/TP] logits. Default
+    (unset): on where its modelled peak memory is below the unfused head's (always in fp32; in
+    bf16/fp16 above ~0.6 x --loss-chunk-size + hidden_size tokens per micro-batch; see
+    megatron_simpo/defaults.py); --no-fused-loss-head turns it off."""
     loss_chunk_size: int = 1024
     """Tokens per chunk of the fused loss head (peak extra memory ~ chunk x vocab/TP x 4 bytes)."""
-    pack_pairs: bool = False
-    """Pack several pairs per row up to --seq-length, first-fit-decreasing."""
-    prefix_sharing: bool = False
+    pack_pairs: bool | None = None
+    """Pack several pairs per row up to --seq-length, first-fit-decreasing. Default (unset): on
+    with the sdpa and local attention backends, off with Transformer Engine (no packed mask path
+    yet); --no-pack-pairs turns it off."""
+    prefix_sharing: bool | None = None
     """One row per pair: [prompt | chosen | rejected], rejected attends to the prompt, not to
-    chosen."""
+    chosen. Default (unset): on where --pack-pairs is (same backends); --no-prefix-sharing turns
+    it off."""
     load: str | None = None
     """Checkpoint directory to start from (weights; optimizer and iteration if present)."""
     save: str | None = None
@@ -591,9 +597,12 @@ class RunConfig:
         if p.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if (t.pack_pairs or t.prefix_sharing) and t.attention_backend == "te":
-            # Packed rows need an explicit block mask (megatron_simpo/data/packing.py).
+            # Packed rows need an explicit block mask (megatron_simpo/data/packing.py). Only an
+            # explicit --pack-pairs / --prefix-sharing gets here: unset, they resolve to off
+            # with TE (megatron_simpo/defaults.py).
             raise ConfigError(
-                "--pack-pairs / --prefix-sharing need --attention-backend sdpa or local"
+                "--pack-pairs / --prefix-sharing need --attention-backend sdpa or local "
+                "(or drop them: with TE they default to off)"
             )
         if m.rope_scaling is not None:
             kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))

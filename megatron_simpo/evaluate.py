@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_simpo import checkpointing, parallel
+from megatron_simpo import checkpointing, defaults, parallel
 from megatron_simpo.batch_loss import (
     REFERENCE_KEYS,
     mean_logps,
@@ -38,6 +38,7 @@ from megatron_simpo.batch_loss import (
 )
 from megatron_simpo.config import LossConfig, RunConfig
 from megatron_simpo.data import Pair, collate, pairs_for, prepare_for_run
+from megatron_simpo.data.packing import collate_packed, pack_rows, row_width
 from megatron_simpo.model import build_model
 from megatron_simpo.progress import progress
 from megatron_simpo.step import run_forward_backward
@@ -45,6 +46,33 @@ from megatron_simpo.step import run_forward_backward
 
 def _pad_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def collate_group(
+    chunks: list[list[Pair]], cfg: RunConfig, pad: int
+) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """The micro-batches of one schedule call and their longest length, collated as training
+    collates them: padded to the group's longest sequence, or packed / prefix-shared
+    (``data/packing.py``) when ``--pack-pairs`` / ``--prefix-sharing`` are on, with the same
+    shapes for every micro-batch under pipeline parallelism (stages exchange fixed shapes)."""
+    t = cfg.train
+    if not (t.pack_pairs or t.prefix_sharing):
+        longest = max(
+            len(x.prompt_ids) + max(len(x.chosen_ids), len(x.rejected_ids))
+            for c in chunks
+            for x in c
+        )
+        seq_len = _pad_to(longest - 1, pad)
+        return [collate(c, seq_len) for c in chunks], seq_len
+    kw = dict(capacity=t.seq_length, prefix_sharing=bool(t.prefix_sharing), pack=bool(t.pack_pairs))
+    width = num_rows = None
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        rows = [pack_rows(c, **kw) for c in chunks]
+        width, num_rows = max(map(row_width, rows)), max(map(len, rows))
+    batches = [
+        collate_packed(c, **kw, width=width, num_rows=num_rows, pad_multiple=pad) for c in chunks
+    ]
+    return batches, max(mb["tokens"].shape[1] for mb in batches)
 
 
 def score_pairs(
@@ -71,13 +99,7 @@ def score_pairs(
         show = show_progress and dist.get_rank() == 0
         for firsts in progress(groups, "evaluate", unit="micro-batches", enabled=show):
             chunks = [[pairs[j] for j in range(i, min(i + mbs, hi))] for i in firsts]
-            longest = max(
-                len(x.prompt_ids) + max(len(x.chosen_ids), len(x.rejected_ids))
-                for c in chunks
-                for x in c
-            )
-            seq_len = _pad_to(longest - 1, pad)
-            batches = [collate(c, seq_len) for c in chunks]
+            batches, seq_len = collate_group(chunks, cfg, pad)
             batches += [batches[-1]] * (group - len(batches))
             reports = run_forward_backward(
                 model,
@@ -129,6 +151,7 @@ def evaluate(cfg: RunConfig, output: str | None = None) -> dict | None:
     prepare_for_run(cfg)  # before the process group: tokenising may outlast its timeout
     parallel.init_distributed(cfg.parallel.distributed_timeout_minutes)
     parallel.init_model_parallel_for(cfg)
+    cfg = defaults.resolve_for_run(cfg)  # packed scoring and the fused head, as in training
     pairs = pairs_for(cfg, cfg.data.data_path)
     model = build_model(cfg)
     checkpointing.load_checkpoint(cfg.train.load, model)

@@ -357,3 +357,89 @@ def test_load_takes_the_model_from_the_checkpoint(tmp_path):
         parse(["--load", str(ckpt), "--hidden-size", "64"])
     with pytest.raises(ConfigError, match="no checkpoint there"):
         parse(["--load", str(tmp_path / "nothing")])
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults resolved per run (megatron_simpo/defaults.py): unset means "on wherever applicable".
+
+FAST = ("pack_pairs", "prefix_sharing", "fused_loss_head")
+
+
+def resolved(argv, te=False, dtype_bytes=4):
+    from megatron_simpo.defaults import resolve
+
+    cfg, why = resolve(parse(["--data-path", "x.jsonl", *argv]), te, dtype_bytes)
+    return {k: getattr(cfg.train, k) for k in FAST}, why
+
+
+def test_fast_paths_are_unset_by_default_and_flags_set_them():
+    cfg = parse(["--data-path", "x.jsonl"])
+    assert [getattr(cfg.train, k) for k in FAST] == [None, None, None]
+    old = parse(["--data-path", "x.jsonl", "--pack-pairs", "--prefix-sharing", "--fused-loss-head"])
+    assert [getattr(old.train, k) for k in FAST] == [True, True, True]
+    off = ["--no-pack-pairs", "--no-prefix-sharing", "--no-fused-loss-head"]
+    assert [getattr(parse(["--data-path", "x.jsonl", *off]).train, k) for k in FAST] == [False] * 3
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert all(f in help_text for f in off)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "local"])
+def test_packing_defaults_on_where_the_backend_takes_the_mask(backend):
+    got, why = resolved(["--attention-backend", backend])  # no TE: auto is sdpa
+    assert got["pack_pairs"] is got["prefix_sharing"] is True
+    assert "default on" in why["pack_pairs"][1]
+
+
+@pytest.mark.parametrize("argv", [["--attention-backend", "te"], []])
+def test_packing_defaults_off_with_transformer_engine(argv):
+    got, why = resolved(argv, te=True)  # auto picks TE where it is installed with CUDA
+    assert got["pack_pairs"] is got["prefix_sharing"] is False
+    assert "TE backend has no packed mask path yet" in why["prefix_sharing"][1]
+    # Explicit flags win: off everywhere, on with auto (which then builds SDPA, as before).
+    assert resolved(["--no-pack-pairs"])[0]["pack_pairs"] is False
+    assert resolved(["--pack-pairs"], te=True)[0]["pack_pairs"] is True
+
+
+def test_explicit_packing_with_te_still_errors_and_the_default_does_not():
+    with pytest.raises(ConfigError, match="--pack-pairs / --prefix-sharing need"):
+        parse(["--data-path", "x", "--attention-backend", "te", "--pack-pairs"]).validate()
+    parse(["--data-path", "x", "--attention-backend", "te"]).validate()
+
+
+def test_fused_head_default_follows_the_memory_model():
+    from megatron_simpo import defaults
+
+    # bf16, Llama-3-8B shape: threshold 0.6 x 1024 + 4096 tokens per micro-batch (module doc).
+    assert defaults.fused_head_threshold(4096, 2, 1024) == 4711
+    assert defaults.fused_head_threshold(8192, 2, 1024) == 8807
+    shape = {"hidden": 4096, "vocab_per_rank": 128256, "dtype_bytes": 2, "chunk": 1024}
+    on, why = defaults.resolve_fused_loss_head(None, micro_batch_size=1, seq_length=4096, **shape)
+    assert on and "threshold 4711" in why
+    off, _ = defaults.resolve_fused_loss_head(None, micro_batch_size=1, seq_length=2048, **shape)
+    assert not off
+    # At the threshold the models cross: fused is smaller from there on, not before.
+    t, args = 4711, (128256, 4096, 2)
+    assert defaults.fused_head_bytes(t, *args, 1024) < defaults.unfused_head_bytes(t, *args)
+    before = defaults.fused_head_bytes(t - 1, *args, 1024)
+    assert before >= defaults.unfused_head_bytes(t - 1, *args)
+    # Unfused bf16: logits + two fp32 copies, 10 bytes per logit; fp32: 12.
+    assert defaults.unfused_head_bytes(8192, 100, 64, 2) == 8192 * 100 * 10
+    assert defaults.unfused_head_bytes(8192, 100, 64, 4) == 8192 * 100 * 12
+    # Through the config: the tiny default model (hidden 64) in fp32 at 2 x 1 x 1024 tokens is
+    # above its threshold (33); --micro-batch-size/--seq-length/--precision all count.
+    assert resolved([])[0]["fused_loss_head"] is True
+    assert resolved(["--seq-length", "16"])[0]["fused_loss_head"] is False  # 32 tokens
+    assert resolved(["--no-fused-loss-head"])[0]["fused_loss_head"] is False
+    assert resolved(["--seq-length", "16", "--fused-loss-head"])[0]["fused_loss_head"] is True
+    big = ["--hidden-size", "4096", "--seq-length", "2048"]
+    assert resolved(big, dtype_bytes=2)[0]["fused_loss_head"] is False  # 4096 < 4711
+    assert resolved([*big, "--micro-batch-size", "2"], dtype_bytes=2)[0]["fused_loss_head"]
+
+
+def test_resolution_leaves_the_given_config_alone():
+    from megatron_simpo.defaults import resolve
+
+    cfg = parse(["--data-path", "x.jsonl"])
+    out, why = resolve(cfg, False, 4)
+    assert cfg.train.pack_pairs is None and out.train.pack_pairs is True
+    assert set(why) == set(FAST) and all(isinstance(r, str) and r for _, r in why.values())

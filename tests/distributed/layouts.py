@@ -40,6 +40,12 @@ BASE = {
         "seq_length": 16,
         "seed": 7,
         "precision": "fp32",
+        # The padded, unfused path (the matrix's comments and tolerances are about it); packing,
+        # prefix sharing and the fused head, on by default here, are compared with it per layout
+        # in test_packing.py and test_fused_logprobs.py.
+        "pack_pairs": False,
+        "prefix_sharing": False,
+        "fused_loss_head": False,
     },
 }
 
