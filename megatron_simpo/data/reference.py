@@ -7,12 +7,19 @@ with the pair into every collation (padded ``batching.collate``, packed and pref
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from megatron_simpo.data.batching import Pair
+
+class Pair(Protocol):
+    """What this module reads of ``data.batching.Pair`` (a protocol, so that ``batching`` and
+    ``packing`` can import this module without an import cycle)."""
+
+    @property
+    def ref_chosen_logp(self) -> float | None: ...
+    @property
+    def ref_rejected_logp(self) -> float | None: ...
 
 
 def reference_logps(pairs: Sequence[Pair]) -> torch.Tensor | None:
