@@ -180,6 +180,15 @@ class ParallelConfig:
     --no-overlap-param-gather gathers in the step. No effect without it."""
     distributed_timeout_minutes: int = 10
     """Timeout of collectives, so a dead rank surfaces as an error instead of a hang."""
+    variable_seq_lengths: bool = True
+    """Pipeline parallelism: stages send each micro-batch's shape before its activations
+    (Megatron-Core's ``variable_seq_lengths``), so a micro-batch is padded only to its own longest
+    sequence (rounded up to --pipeline-pad-multiple); --no-variable-seq-lengths pads every
+    micro-batch to the longest of the rank's slice (fixed shapes, as before)."""
+    pipeline_pad_multiple: int = 64
+    """With --variable-seq-lengths under pipeline parallelism: micro-batch widths are rounded up
+    to a multiple of this (fewer distinct shapes for kernels and the allocator), never beyond
+    --seq-length."""
 
 
 #: gamma / beta when neither --gamma-beta-ratio nor --simpo-gamma is given: the SimPO
@@ -549,6 +558,7 @@ class RunConfig:
             ("--global-batch-size", t.global_batch_size),
             ("--train-iters", t.train_iters),
             ("--seq-length", t.seq_length),
+            ("--pipeline-pad-multiple", p.pipeline_pad_multiple),
         ]:
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")

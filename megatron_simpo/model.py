@@ -39,6 +39,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from megatron_simpo import parallel
 from megatron_simpo.attention import SDPAttention, resolve_attention_backend
 from megatron_simpo.config import RunConfig
 from megatron_simpo.fused_logprobs import HiddenStatesGPTModel
@@ -171,6 +172,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = model_dtype(cfg)
     cuda = torch.cuda.is_available()
+    variable = parallel.variable_seq_lengths(cfg)
     fusions = fusion_flags(available_kernels(), explicit_mask=t.pack_pairs or t.prefix_sharing)
     return TransformerConfig(
         num_layers=m.num_hidden_layers,
@@ -202,6 +204,12 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         **fusions,
         # gloo: batched p2p gives wrong interleaved-pipeline results (measured); NCCL is fine.
         batch_p2p_comm=cuda,
+        # Stages send each micro-batch's shape first: micro-batches padded to their own length
+        # (megatron_simpo/data/batching.py), not all to the longest of the slice.
+        variable_seq_lengths=variable,
+        # Inert without experts, but Megatron-Core refuses variable_seq_lengths next to its
+        # default MoE dispatcher ("allgather") even in a dense model.
+        **({"moe_token_dispatcher_type": "alltoall"} if variable else {}),
         use_cpu_initialization=not cuda,
         recompute_granularity=t.recompute_granularity,
         recompute_method=t.recompute_method,

@@ -68,6 +68,7 @@ class Layout(NamedTuple):
 BF16 = {"precision": "bf16"}
 DPO = {"objective": "dpo", "beta": 0.5, "sft_weight": 0.1}
 ORPO = {"objective": "orpo", "beta": 0.5, "orpo_alpha": 0.7}
+PP2 = {"pipeline_model_parallel_size": 2}
 TP2_PP2 = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
 TP2_DP2_SP_DISTOPT = {
     "tensor_model_parallel_size": 2,
@@ -81,8 +82,16 @@ LAYOUTS: dict[str, Layout] = {
     # Loads tp1's weights; compared with tp1 (fp32) and the reference of the bf16 layouts.
     "tp1_bf16": Layout(1, "tp1", {}, BF16),
     "tp2": Layout(2, "tp1", {"tensor_model_parallel_size": 2}),
-    # 8 micro-batches of one pair through the 1F1B schedule, all padded to the slice's longest.
+    # 8 micro-batches of one pair through the 1F1B schedule (default padding: multiples of 64,
+    # capped at --seq-length 16, so all 16 wide).
     "pp2": Layout(2, "tp1", {"pipeline_model_parallel_size": 2}, {"micro_batch_size": 1}),
+    # Today's fixed-shape path: every micro-batch padded to the longest of the slice.
+    "pp2_fixed": Layout(2, "tp1", {**PP2, "variable_seq_lengths": False}, {"micro_batch_size": 1}),
+    # Variable shapes between stages, each micro-batch padded to its own length rounded to 4
+    # (widths 4..16 on this data): the same losses and gradients as the fixed-shape path.
+    "pp2_varlen": Layout(
+        2, "pp2_fixed", {**PP2, "pipeline_pad_multiple": 4}, {"micro_batch_size": 1}
+    ),
     "pp2_vpp2": Layout(
         2, "tp1", {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1}
     ),
