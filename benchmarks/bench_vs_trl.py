@@ -432,8 +432,17 @@ def main() -> None:
         frac = real_token_fraction(pairs, timed, args.micro_batch_size)
         frac_one = real_token_fraction(pairs, timed, args.global_batch_size)
         timed_steps = range(args.warmup, args.warmup + args.steps)
+        from megatron_simpo.defaults import resolve_packing
+
         share = {
-            "ours": computed_token_share(pairs, args, timed_steps, False, False),
+            # The defaults as training resolves them on this machine (no TE: both on).
+            "ours": computed_token_share(
+                pairs,
+                args,
+                timed_steps,
+                resolve_packing(None, "--pack-pairs", "auto", False)[0],
+                resolve_packing(None, "--prefix-sharing", "auto", False)[0],
+            ),
             "packed": computed_token_share(pairs, args, timed_steps, True, True),
             "trl": trl_token_share(pairs, timed, args.micro_batch_size),
         }
