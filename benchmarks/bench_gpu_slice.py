@@ -34,10 +34,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 #: mode -> (pair lengths, extra trainer flags, micro-batch pairs, pairs per step).
 MODES: dict[str, tuple[str, list[str], int, int]] = {
-    "padded": ("full", [], 1, 2),
-    "fused": ("full", ["--fused-loss-head"], 1, 2),
-    "packed": ("long-tailed", ["--pack-pairs"], 2, 4),
-    "padded-lt": ("long-tailed", [], 2, 4),
+    # Explicit on/off: unset, these default per backend and shape (megatron_simpo/defaults.py).
+    "padded": ("full", ["--no-fused-loss-head", "--no-pack-pairs", "--no-prefix-sharing"], 1, 2),
+    "fused": ("full", ["--fused-loss-head", "--no-pack-pairs", "--no-prefix-sharing"], 1, 2),
+    "packed": ("long-tailed", ["--pack-pairs", "--no-prefix-sharing"], 2, 4),
+    "padded-lt": ("long-tailed", ["--no-pack-pairs", "--no-prefix-sharing"], 2, 4),
 }
 SHAPE_8B = {"hidden": 4096, "ffn": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256, "seq": 4096}
 SHAPE_TINY = {"hidden": 128, "ffn": 256, "heads": 4, "kv_heads": 2, "vocab": 1024, "seq": 256}

@@ -17,6 +17,11 @@ byte the head touched, including the gradients it returns (``[vocab, h]`` and ``
 which both paths produce. Time is the wall time of that same first forward+backward (the matmuls
 dominate; a second iteration would change little) on ``torch.get_num_threads()`` threads.
 
+The "modelled" column is ``megatron_simpo/defaults.py``'s peak model, which decides the
+``--fused-loss-head`` default (it leaves out the ``[tokens, h]`` hidden gradient both paths
+return and the allocator's own overhead, hence the few MiB measured above it). ``--dtype bf16``
+runs both heads in bf16 (the fused one then holds bf16/fp32 weight-gradient temporaries).
+
 The materialised path needs ~3 x tokens x vocab x 4 bytes (logits, shifted logits, softmax): at
 16 x 1024 tokens and vocab 128256 that is ~25 GB, more than this 23 GB machine, so by default it
 runs at fewer tokens and the table shows the per-token slope; its peak is linear in tokens.
@@ -40,15 +45,16 @@ def _status(key: str) -> float:
     raise KeyError(key)
 
 
-def child(variant: str, tokens: int, hidden: int, vocab: int, chunk: int) -> dict:
+def child(variant: str, tokens: int, hidden: int, vocab: int, chunk: int, dtype: str) -> dict:
     import torch
 
     from megatron_simpo.fused_logprobs import fused_vocab_parallel_logprobs
     from megatron_simpo.logprobs import vocab_parallel_logprobs
 
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(tokens, hidden, generator=g).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=g) * hidden**-0.5).requires_grad_()
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    h = torch.randn(tokens, hidden, generator=g).to(dt).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * hidden**-0.5).to(dt).requires_grad_()
     targets = torch.randint(0, vocab, (tokens,), generator=g)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -73,6 +79,7 @@ def child(variant: str, tokens: int, hidden: int, vocab: int, chunk: int) -> dic
         "seconds": round(seconds, 2),
         "logp_sum": float(logp.detach().double().sum()),
         "threads": torch.get_num_threads(),
+        "dtype": dtype,
     }
 
 
@@ -92,12 +99,13 @@ def main() -> None:
     )
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--chunk", type=int, default=1024, help="fused: tokens per chunk")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--skip-materialised", action="store_true")
-    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        v, *nums = args.child
-        print(json.dumps(child(v, *map(int, nums))))
+        v, *nums, dtype = args.child
+        print(json.dumps(child(v, *map(int, nums), dtype)))
         return
     rows = []
     for tokens in map(int, args.tokens.split(",")):
@@ -108,18 +116,28 @@ def main() -> None:
                     print(f"# materialised at {tokens} tokens skipped (needs ~{need:.0f} MiB)")
                     continue
             cmd = [sys.executable, __file__, "--child", variant, str(tokens)]
-            cmd += [str(args.hidden), str(args.vocab), str(args.chunk)]
+            cmd += [str(args.hidden), str(args.vocab), str(args.chunk), args.dtype]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             row = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| tokens | hidden | vocab | path | chunk | peak MiB | MiB/token | time s |")
+    from megatron_simpo import defaults
+
+    nbytes = 2 if args.dtype == "bf16" else 4
+    threshold = defaults.fused_head_threshold(args.hidden, nbytes, args.chunk)
+    print(f"\n{args.dtype}: modelled threshold {threshold} tokens (megatron_simpo/defaults.py)")
+    print("| tokens | hidden | vocab | path | chunk | peak MiB | modelled MiB | time s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        shape = (r["tokens"], r["vocab"], r["hidden"], nbytes)
+        if r["variant"] == "fused":
+            model = defaults.fused_head_bytes(*shape, r["chunk"])
+        else:
+            model = defaults.unfused_head_bytes(*shape)
         print(
             f"| {r['tokens']} | {r['hidden']} | {r['vocab']} | {r['variant']} | "
-            f"{r['chunk'] or '-'} | {r['peak_mib']:.0f} | {r['peak_mib'] / r['tokens']:.3f} | "
-            f"{r['seconds']:.1f} |"
+            f"{r['chunk'] or '-'} | {r['peak_mib']:.0f} | {model / 2**20:.0f} | "
+            f"{r['seconds']:.2f} |"
         )
     by = {(r["variant"], r["tokens"]): r for r in rows}
     for tokens in sorted({r["tokens"] for r in rows}):

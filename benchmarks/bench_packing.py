@@ -29,9 +29,10 @@ from pathlib import Path
 from synthetic import long_tailed_pairs
 
 MODES = {
-    "padded": {},
-    "packed": {"pack_pairs": True},
-    "prefix-shared": {"prefix_sharing": True},
+    # Explicit on/off: unset, both default to on with SDPA (megatron_simpo/defaults.py).
+    "padded": {"pack_pairs": False, "prefix_sharing": False},
+    "packed": {"pack_pairs": True, "prefix_sharing": False},
+    "prefix-shared": {"pack_pairs": False, "prefix_sharing": True},
     "packed+prefix": {"pack_pairs": True, "prefix_sharing": True},
 }
 

@@ -325,13 +325,22 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
 
 
 def wrap_ddp(chunks: list[GPTModel], cfg: RunConfig) -> list[DistributedDataParallel]:
-    """Wraps chunks in Megatron-Core DDP (fp32 gradient buffers, optional distributed optimizer)."""
+    """Wraps chunks in Megatron-Core DDP (fp32 gradient buffers, optional distributed optimizer).
+
+    With the distributed optimizer, gradient reduce-scatters and parameter all-gathers overlap
+    compute (``--overlap-grad-reduce`` / ``--overlap-param-gather``, on by default), wired as
+    Megatron-LM does: the schedule's ``no_sync_func`` holds the reduction back until the last
+    micro-batch, and the gathered parameters are waited for by forward pre-hooks
+    (:func:`sync_params` completes them before the weights are read outside a forward).
+    """
+    p = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_grad_reduce=p.use_distributed_optimizer and p.overlap_grad_reduce,
+        overlap_param_gather=p.use_distributed_optimizer and p.overlap_param_gather,
+        use_distributed_optimizer=p.use_distributed_optimizer,
     )
-    return [
+    model = [
         DistributedDataParallel(
             config=chunk.config,
             ddp_config=ddp_config,
@@ -341,6 +350,20 @@ def wrap_ddp(chunks: list[GPTModel], cfg: RunConfig) -> list[DistributedDataPara
         )
         for i, chunk in enumerate(chunks)
     ]
+    if ddp_config.overlap_grad_reduce:
+        no_sync = [m.no_sync for m in model]
+        for chunk in chunks:
+            chunk.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return model
+
+
+def sync_params(model: list) -> None:
+    """Completes the parameter all-gather that ``--overlap-param-gather`` defers to the next
+    forward, so every chunk holds the updated weights (before a checkpoint or export reads
+    them); a no-op otherwise. Collective over the data-parallel group."""
+    for chunk in model:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

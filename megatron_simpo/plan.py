@@ -37,9 +37,13 @@ What is counted, per GPU (the worst pipeline stage; bytes per element ``B`` = 2 
   attention also holds a persistent ``[2b a/TP, s, s]`` score workspace (Megatron's global
   memory buffer). 1F1B
   pipelining keeps ``min(PP - stage, m)`` micro-batches in flight on a stage.
-* **loss head** the logits of one micro-batch, ``[2 b s, V/TP]``, in the model dtype plus two fp32
-  working copies (max-shifted logits and their exponentials/softmax) while the vocab-parallel
-  log-probs are formed (``megatron_simpo/logprobs.py``).
+* **loss head** unfused: the logits of one micro-batch, ``[2 b s, V/TP]``, in the model dtype plus
+  two fp32 working copies (max-shifted logits and their exponentials/softmax) while the
+  vocab-parallel log-probs are formed (``megatron_simpo/logprobs.py``). Fused
+  (``--fused-loss-head``, ``megatron_simpo/fused_logprobs.py``): one ``--loss-chunk-size`` chunk
+  of those logits plus the head's weight-gradient accumulator. Unset, as in training, the
+  fused head is counted where its peak is the smaller (``megatron_simpo/defaults.py`` has both
+  peak models and the threshold).
 * **margin** ``--fragmentation`` x the sum above (allocator fragmentation) + ``--overhead-gb``
   (CUDA context, NCCL communicators, library workspaces).
 
@@ -58,6 +62,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from megatron_simpo import defaults
 from megatron_simpo.config import ModelConfig, RunConfig
 from megatron_simpo.errors import ConfigError
 
@@ -191,6 +196,9 @@ class Job:
     kernels: Kernels = "fused"
     fragmentation: float = 0.10
     overhead_gb: float = 1.5
+    fused_loss_head: bool | None = None
+    """The fused chunked loss head; None: where it saves memory (training's default)."""
+    loss_chunk_size: int = 1024
 
     @property
     def world(self) -> int:
@@ -275,10 +283,27 @@ def activation_bytes(m: ModelConfig, layout: Layout, job: Job, stage: int) -> fl
     return in_flight * per_mb + workspace
 
 
+def fused_loss_head(m: ModelConfig, layout: Layout, job: Job) -> tuple[bool, str]:
+    """Whether the run uses the fused loss head, and why (training's resolution)."""
+    return defaults.resolve_fused_loss_head(
+        job.fused_loss_head,
+        hidden=m.hidden_size,
+        vocab_per_rank=m.padded_vocab_size() // layout.tp,
+        micro_batch_size=layout.micro_batch_size,
+        seq_length=job.seq_length,
+        dtype_bytes=job.dtype_bytes,
+        chunk=job.loss_chunk_size,
+    )
+
+
 def loss_head_bytes(m: ModelConfig, layout: Layout, job: Job) -> float:
-    """Logits of one micro-batch in the model dtype plus two fp32 working copies."""
-    tokens = 2 * layout.micro_batch_size * job.seq_length
-    return tokens * m.padded_vocab_size() / layout.tp * (job.dtype_bytes + 8)
+    """Peak of the loss head of one micro-batch: unfused, the logits in the model dtype plus two
+    fp32 working copies; fused, one chunk of them and the weight-gradient accumulator."""
+    tokens = defaults.head_tokens(layout.micro_batch_size, job.seq_length)
+    args = (tokens, m.padded_vocab_size() // layout.tp, m.hidden_size, job.dtype_bytes)
+    if fused_loss_head(m, layout, job)[0]:
+        return defaults.fused_head_bytes(*args, job.loss_chunk_size)
+    return defaults.unfused_head_bytes(*args)
 
 
 def breakdown(m: ModelConfig, layout: Layout, job: Job, algo: str = "simpo") -> dict[str, Any]:
@@ -408,6 +433,7 @@ def plan(m: ModelConfig, job: Job, **fixed: Any) -> dict[str, Any]:
                 "fits_simpo": s["total"] <= limit,
                 "fits_dpo": d["total"] <= limit,
                 "throughput": throughput(lay, job),
+                "fused_loss_head": fused_loss_head(m, lay, job)[0],
             }
         )
     # Layouts that fit, fastest first; then the rest, smallest first.
@@ -449,6 +475,8 @@ def validate_job(job: Job) -> None:
         raise ConfigError(f"--fragmentation must be in [0, 1), got {job.fragmentation}")
     if job.overhead_gb < 0:
         raise ConfigError(f"--overhead-gb must be >= 0, got {job.overhead_gb}")
+    if not isinstance(job.loss_chunk_size, int) or job.loss_chunk_size < 1:
+        raise ConfigError(f"--loss-chunk-size must be >= 1, got {job.loss_chunk_size}")
 
 
 def verdict(rows: list[dict[str, Any]], job: Job) -> str:
@@ -497,7 +525,11 @@ def format_plan(result: dict[str, Any], top: int = 10) -> str:
         f"job: {job['nodes']} node(s) x {job['gpus_per_node']} GPUs x "
         f"{job['gpu_memory_gb']:g} GB, seq {job['seq_length']}, global batch "
         f"{job['global_batch_size']} pairs, {job['precision']}, {job['attention']} attention, "
-        f"{job['kernels']} kernels",
+        f"{job['kernels']} kernels, "
+        + {None: "loss head fused where it saves memory", True: "fused loss head"}.get(
+            job["fused_loss_head"], "unfused loss head"
+        )
+        + (f" (chunk {job['loss_chunk_size']})" if job["fused_loss_head"] is not False else ""),
         f"bytes/param: weights {bpp['weights']} + grads {bpp['gradients']} + Adam "
         f"{bpp['optimizer']} = {bpp['simpo_total']} (SimPO); DPO adds a reference copy, "
         f"+{bpp['reference']} = {bpp['dpo_total']}: SimPO saves "
@@ -508,11 +540,11 @@ def format_plan(result: dict[str, Any], top: int = 10) -> str:
     head = (
         f"{'#':>3} {'layout':<34} {'mbs':>3} {'m':>4} {'stage':>5} "
         + " ".join(f"{c:>7}" for c in COLUMNS.values())
-        + f" {'SimPO':>7} {'DPO':>7} {'fits':>5} {'speed':>5}"
+        + f" {'SimPO':>7} {'DPO':>7} {'fits':>5} {'speed':>5} {'head':>7}"
     )
     lines += [
         "per-GPU GB of the worst pipeline stage (stage); m = micro-batches per step; "
-        "fits: S = SimPO, D = DPO+ref; speed = relative expected throughput",
+        "fits: S = SimPO, D = DPO+ref; speed = relative expected throughput; head = loss head",
         head,
     ]
     for i, r in enumerate(result["layouts"][:top], 1):
@@ -523,7 +555,7 @@ def format_plan(result: dict[str, Any], top: int = 10) -> str:
             f"{stage_name(s['stage'], lay['pp']):>5} "
             + " ".join(f"{s[c] / GB:>7.2f}" for c in COLUMNS)
             + f" {s['total'] / GB:>7.2f} {d['total'] / GB:>7.2f} {fits:>5} "
-            f"{r['throughput']:>5.2f}"
+            f"{r['throughput']:>5.2f} {'fused' if r['fused_loss_head'] else 'unfused':>7}"
         )
     hidden = len(result["layouts"]) - top
     if hidden > 0:
@@ -586,6 +618,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1.5,
         help="fixed per-GPU overhead: CUDA context, NCCL, workspaces",
     )
+    p.add_argument(
+        "--fused-loss-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="count the fused chunked loss head (default: where it saves memory, as training "
+        "decides; megatron_simpo/defaults.py)",
+    )
+    p.add_argument(
+        "--loss-chunk-size", type=int, default=1024, help="tokens per chunk of the fused head"
+    )
     p.add_argument("--top", type=int, default=10, help="layouts to list")
     p.add_argument("--json", action="store_true", help="print the full plan as JSON")
 
@@ -604,6 +646,8 @@ def main(args: argparse.Namespace) -> int:
         kernels=args.kernels,
         fragmentation=args.fragmentation,
         overhead_gb=args.overhead_gb,
+        fused_loss_head=args.fused_loss_head,
+        loss_chunk_size=args.loss_chunk_size,
     )
     if args.micro_batch_size is not None and args.micro_batch_size < 1:
         raise ConfigError(

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 
-from megatron_simpo import checkpointing, flops, parallel, report, run_control
+from megatron_simpo import checkpointing, defaults, flops, parallel, report, run_control
 from megatron_simpo.alarms import DriftMonitor
 from megatron_simpo.config import RunConfig
 from megatron_simpo.data import PairBatcher, Subset, pairs_for, split_heldout
@@ -51,8 +51,9 @@ class Trainer:
         self._phase = "during setup"
 
     def setup(self) -> None:
-        cfg = self.cfg
-        cfg.validate(world_size=dist.get_world_size())
+        self.cfg.validate(world_size=dist.get_world_size())
+        # Unset --pack-pairs / --prefix-sharing / --fused-loss-head decided (and logged) here.
+        cfg = self.cfg = defaults.resolve_for_run(self.cfg)
         p = cfg.parallel
         parallel.init_model_parallel_for(cfg)
         # Read (and validate) the data before building anything expensive.

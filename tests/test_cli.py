@@ -79,8 +79,10 @@ def test_metrics_jsonl_and_tensorboard(tp2_run):
             r["rewards/chosen"] - r["rewards/rejected"], abs=1e-5
         )
         assert r["rewards/chosen"] == pytest.approx(2.0 * r["logps/chosen"], rel=1e-5)
-        # Each pair contributes two sequences of prompt (5) + response (2-3 tokens).
-        assert 16 * 2 * (5 + 2) <= r["tokens"] <= 16 * 2 * (5 + 3)
+        # Each pair contributes two sequences of prompt (5) + response (2-3 tokens); prefix
+        # sharing (on by default here) computes each prompt once, less its last token.
+        assert 16 * 2 * (5 + 2) <= r["tokens_effective"] <= 16 * 2 * (5 + 3)
+        assert r["tokens"] < r["tokens_effective"]
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert "iter 1/12 | loss" in first.stdout
     # The loop learns: 6 epochs over 32 pairs take the loss well below its start (measured

@@ -183,6 +183,60 @@ def test_sft_reduction_flag():
     assert parse(["--sft-reduction", "pair"]).loss.sft_reduction == "pair"
 
 
+def test_loss_flag_selects_the_objective_and_its_defaults():
+    assert RunConfig().loss.objective == "simpo" and RunConfig().loss.resolved_beta == 2.0
+    lo = parse(["--loss", "dpo"]).loss
+    assert (lo.objective, lo.resolved_beta, lo.needs_reference) == ("dpo", 0.1, True)  # TRL's
+    assert parse(["--objective", "orpo"]).loss.objective == "orpo"  # the field's own spelling
+    lo = parse(["--loss", "cpo", "--loss-type", "ipo", "--cpo-alpha", "0.5", "--beta", "3"]).loss
+    assert (lo.loss_type, lo.nll_weight, lo.resolved_beta) == ("ipo", 0.5, 3.0)
+    assert parse(["--loss", "cpo"]).loss.nll_weight == 1.0  # TRL's default cpo_alpha
+    assert parse(["--loss", "orpo"]).loss.nll_weight == 1.0  # TRL's fixed NLL weight
+    assert parse(["--loss", "simpo", "--loss-type", "hinge"]).loss.loss_type == "hinge"
+    assert parse(["--sft-weight", "0.3"]).loss.nll_weight == 0.3
+    with pytest.raises(SystemExit):  # argparse names the choices
+        parse(["--loss", "kto"])
+
+
+@pytest.mark.parametrize(
+    "loss,flag",
+    [
+        ({"objective": "dpo", "loss_type": "hinge"}, "--loss-type hinge does not apply to --loss"),
+        ({"objective": "orpo", "loss_type": "ipo"}, "--loss-type ipo"),
+        ({"objective": "simpo", "loss_type": "ipo"}, "--loss-type ipo"),
+        ({"objective": "ipo", "label_smoothing": 0.1}, "--label-smoothing"),
+        ({"objective": "dpo-hinge", "label_smoothing": 0.1}, "--label-smoothing"),
+        ({"objective": "orpo", "label_smoothing": 0.1}, "--label-smoothing"),
+        ({"objective": "cpo", "loss_type": "hinge", "label_smoothing": 0.1}, "--label-smoothing"),
+        ({"objective": "dpo", "simpo_gamma": 1.0}, "--simpo-gamma"),
+        ({"objective": "cpo", "gamma_beta_ratio": 0.5}, "--gamma-beta-ratio"),
+        ({"objective": "cpo", "sft_weight": 0.5}, "--sft-weight"),
+        ({"objective": "dpo", "cpo_alpha": 0.5}, "--cpo-alpha"),
+        ({"objective": "simpo", "orpo_alpha": 0.5}, "--orpo-alpha"),
+        ({"objective": "cpo", "cpo_alpha": -1.0}, "--cpo-alpha"),
+        ({"objective": "orpo", "beta": -0.1}, "--beta"),
+    ],
+)
+def test_impossible_loss_combinations_name_the_flag(loss, flag):
+    with pytest.raises(ConfigError, match=re.escape(flag)):
+        valid(loss=loss).validate(world_size=1)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {"objective": "dpo", "label_smoothing": 0.1, "sft_weight": 0.2},
+        {"objective": "dpo-norm", "label_smoothing": 0.1},
+        {"objective": "cpo", "label_smoothing": 0.1, "cpo_alpha": 0.0},
+        {"objective": "cpo", "loss_type": "hinge"},
+        {"objective": "orpo", "orpo_alpha": 0.5, "beta": 0.2},
+        {"objective": "simpo", "loss_type": "hinge", "simpo_gamma": 1.0},
+    ],
+)
+def test_possible_loss_combinations_pass(loss):
+    valid(loss=loss).validate(world_size=1)
+
+
 def test_yaml_unknown_key_names_file_and_key(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  trian_iters: 3\n")
@@ -303,3 +357,89 @@ def test_load_takes_the_model_from_the_checkpoint(tmp_path):
         parse(["--load", str(ckpt), "--hidden-size", "64"])
     with pytest.raises(ConfigError, match="no checkpoint there"):
         parse(["--load", str(tmp_path / "nothing")])
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults resolved per run (megatron_simpo/defaults.py): unset means "on wherever applicable".
+
+FAST = ("pack_pairs", "prefix_sharing", "fused_loss_head")
+
+
+def resolved(argv, te=False, dtype_bytes=4):
+    from megatron_simpo.defaults import resolve
+
+    cfg, why = resolve(parse(["--data-path", "x.jsonl", *argv]), te, dtype_bytes)
+    return {k: getattr(cfg.train, k) for k in FAST}, why
+
+
+def test_fast_paths_are_unset_by_default_and_flags_set_them():
+    cfg = parse(["--data-path", "x.jsonl"])
+    assert [getattr(cfg.train, k) for k in FAST] == [None, None, None]
+    old = parse(["--data-path", "x.jsonl", "--pack-pairs", "--prefix-sharing", "--fused-loss-head"])
+    assert [getattr(old.train, k) for k in FAST] == [True, True, True]
+    off = ["--no-pack-pairs", "--no-prefix-sharing", "--no-fused-loss-head"]
+    assert [getattr(parse(["--data-path", "x.jsonl", *off]).train, k) for k in FAST] == [False] * 3
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert all(f in help_text for f in off)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "local"])
+def test_packing_defaults_on_where_the_backend_takes_the_mask(backend):
+    got, why = resolved(["--attention-backend", backend])  # no TE: auto is sdpa
+    assert got["pack_pairs"] is got["prefix_sharing"] is True
+    assert "default on" in why["pack_pairs"][1]
+
+
+@pytest.mark.parametrize("argv", [["--attention-backend", "te"], []])
+def test_packing_defaults_off_with_transformer_engine(argv):
+    got, why = resolved(argv, te=True)  # auto picks TE where it is installed with CUDA
+    assert got["pack_pairs"] is got["prefix_sharing"] is False
+    assert "TE backend has no packed mask path yet" in why["prefix_sharing"][1]
+    # Explicit flags win: off everywhere, on with auto (which then builds SDPA, as before).
+    assert resolved(["--no-pack-pairs"])[0]["pack_pairs"] is False
+    assert resolved(["--pack-pairs"], te=True)[0]["pack_pairs"] is True
+
+
+def test_explicit_packing_with_te_still_errors_and_the_default_does_not():
+    with pytest.raises(ConfigError, match="--pack-pairs / --prefix-sharing need"):
+        parse(["--data-path", "x", "--attention-backend", "te", "--pack-pairs"]).validate()
+    parse(["--data-path", "x", "--attention-backend", "te"]).validate()
+
+
+def test_fused_head_default_follows_the_memory_model():
+    from megatron_simpo import defaults
+
+    # bf16, Llama-3-8B shape: threshold 0.6 x 1024 + 4096 tokens per micro-batch (module doc).
+    assert defaults.fused_head_threshold(4096, 2, 1024) == 4711
+    assert defaults.fused_head_threshold(8192, 2, 1024) == 8807
+    shape = {"hidden": 4096, "vocab_per_rank": 128256, "dtype_bytes": 2, "chunk": 1024}
+    on, why = defaults.resolve_fused_loss_head(None, micro_batch_size=1, seq_length=4096, **shape)
+    assert on and "threshold 4711" in why
+    off, _ = defaults.resolve_fused_loss_head(None, micro_batch_size=1, seq_length=2048, **shape)
+    assert not off
+    # At the threshold the models cross: fused is smaller from there on, not before.
+    t, args = 4711, (128256, 4096, 2)
+    assert defaults.fused_head_bytes(t, *args, 1024) < defaults.unfused_head_bytes(t, *args)
+    before = defaults.fused_head_bytes(t - 1, *args, 1024)
+    assert before >= defaults.unfused_head_bytes(t - 1, *args)
+    # Unfused bf16: logits + two fp32 copies, 10 bytes per logit; fp32: 12.
+    assert defaults.unfused_head_bytes(8192, 100, 64, 2) == 8192 * 100 * 10
+    assert defaults.unfused_head_bytes(8192, 100, 64, 4) == 8192 * 100 * 12
+    # Through the config: the tiny default model (hidden 64) in fp32 at 2 x 1 x 1024 tokens is
+    # above its threshold (33); --micro-batch-size/--seq-length/--precision all count.
+    assert resolved([])[0]["fused_loss_head"] is True
+    assert resolved(["--seq-length", "16"])[0]["fused_loss_head"] is False  # 32 tokens
+    assert resolved(["--no-fused-loss-head"])[0]["fused_loss_head"] is False
+    assert resolved(["--seq-length", "16", "--fused-loss-head"])[0]["fused_loss_head"] is True
+    big = ["--hidden-size", "4096", "--seq-length", "2048"]
+    assert resolved(big, dtype_bytes=2)[0]["fused_loss_head"] is False  # 4096 < 4711
+    assert resolved([*big, "--micro-batch-size", "2"], dtype_bytes=2)[0]["fused_loss_head"]
+
+
+def test_resolution_leaves_the_given_config_alone():
+    from megatron_simpo.defaults import resolve
+
+    cfg = parse(["--data-path", "x.jsonl"])
+    out, why = resolve(cfg, False, 4)
+    assert cfg.train.pack_pairs is None and out.train.pack_pairs is True
+    assert set(why) == set(FAST) and all(isinstance(r, str) and r for _, r in why.values())

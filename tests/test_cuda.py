@@ -50,7 +50,13 @@ MODEL = {
 SEQ_LENGTH = 48
 STEPS = 3
 #: name -> train-section overrides. The CPU reference is ``fp32_local`` run with CUDA hidden.
-SDPA = {"attention_backend": "sdpa"}
+# Explicit: the fast paths default on with SDPA (defaults.py); each variant sets its own.
+SDPA = {
+    "attention_backend": "sdpa",
+    "pack_pairs": False,
+    "prefix_sharing": False,
+    "fused_loss_head": False,
+}
 FUSED = {**SDPA, "fused_loss_head": True, "loss_chunk_size": 7}  # several chunks, one partial
 PACKED = {**SDPA, "pack_pairs": True}
 VARIANTS = {

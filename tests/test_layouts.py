@@ -54,7 +54,7 @@ def matrix(tmp_path_factory) -> dict:
     )
     assert res.returncode == 0, res.stderr[-4000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
-    for ref in ("tp1", "tp1_tied"):
+    for ref in ("tp1", "tp1_tied", "tp1_dpo", "tp1_orpo"):
         result[ref] = json.loads((out / ref / "metrics.json").read_text())
     (REPO / ".pytest_cache").mkdir(exist_ok=True)
     (REPO / ".pytest_cache/layout_matrix.json").write_text(json.dumps(result, indent=1))
@@ -80,7 +80,7 @@ def test_layout_matches_single_process(matrix, name):
     assert r["weights"] <= WEIGHTS_RTOL
 
 
-@pytest.mark.parametrize("ref", ["tp1", "tp1_tied"])
+@pytest.mark.parametrize("ref", ["tp1", "tp1_tied", "tp1_dpo", "tp1_orpo"])
 def test_reference_gradient_is_the_gradient_of_the_reported_loss(matrix, ref):
     # Central difference along g/|g| with step 1e-3 in fp32: truncation O(eps^2 * curvature)
     # ~1e-6, rounding ~1e-7 * loss / eps ~ 2e-4 absolute on a slope of ~5; 1% relative leaves
@@ -92,7 +92,9 @@ def test_reference_gradient_is_the_gradient_of_the_reported_loss(matrix, ref):
 
 def test_matrix_covers_required_layouts():
     required = {"tp2", "pp2", "tp2_pp2", "tp2_dp2_sp_distopt", "pp2_vpp2", "dp4"}
-    assert required | {"pp2_fixed", "pp2_varlen"} <= set(COMPARED)
+    required |= {"tp2_pp2_dpo", "tp2_dp2_orpo"}  # other objectives (issue 14)
+    required |= {"pp2_fixed", "pp2_varlen"}  # variable shapes between stages (issue 13)
+    assert required <= set(COMPARED)
     assert LAYOUTS["pp2_varlen"].ref == "pp2_fixed"  # variable shapes against today's path
     sp = LAYOUTS["tp2_dp2_sp_distopt"].parallel
     assert sp["sequence_parallel"] and sp["use_distributed_optimizer"]

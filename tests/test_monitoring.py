@@ -298,6 +298,17 @@ def test_chosen_logp_drop_alarm():
     assert len(out) == 2 and "displacement" in out[0] and "log-prob drop" in out[1]
 
 
+def test_chosen_logp_drop_alarm_reads_the_per_token_mean_of_summed_objectives():
+    """DPO/CPO log ``logps/chosen`` summed (TRL); the alarm's nats are per token: it must read
+    ``logps/chosen_mean`` (a summed log-prob falling by 5 is 0.05 per token here)."""
+    monitor = DriftMonitor(evals=3, flat_accuracy=0.02, logp_drop=0.5)
+    first = {"logps/chosen": -100.0, "logps/chosen_mean": -1.0}
+    assert not monitor.update(1, first)
+    assert not monitor.update(2, {"logps/chosen": -105.0, "logps/chosen_mean": -1.05})
+    out = monitor.update(3, {"logps/chosen": -105.0, "logps/chosen_mean": -1.6})
+    assert len(out) == 1 and "logps/chosen_mean is -1.6" in out[0]
+
+
 # ---------------------------------------------------------------- plot
 
 
@@ -330,6 +341,24 @@ def write_metrics(path: Path, n: int, seed: int, eval_every: int = 5) -> Path:
     return path
 
 
+def test_plot_draws_the_per_token_logp_of_summed_objectives(tmp_path):
+    """DPO/CPO runs log ``logps/chosen`` summed and ``logps/chosen_mean`` per token: the
+    per-token panel draws the mean; a SimPO run (no ``_mean``) draws ``logps/chosen``."""
+    from megatron_simpo.plot import series_key
+
+    simpo = load_run(write_metrics(tmp_path / "simpo", 3, seed=0))
+    dpo_dir = tmp_path / "dpo"
+    dpo_dir.mkdir()
+    (dpo_dir / "metrics.jsonl").write_text(
+        '{"iteration": 1, "logps/chosen": -90.0, "logps/chosen_mean": -1.1}\n'
+    )
+    dpo = load_run(dpo_dir)
+    spec = "logps/chosen_mean|logps/chosen"
+    assert series_key(simpo, spec) == "logps/chosen"
+    assert series_key(dpo, spec) == "logps/chosen_mean"
+    plot_runs([simpo.path.parent, dpo_dir], tmp_path / "mixed.png")
+
+
 def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
@@ -360,8 +389,8 @@ def test_plot_overlays_runs_into_a_png(tmp_path):
     one = plot_runs([tmp_path / "run_a"], tmp_path / "one.png")
     two = plot_runs([tmp_path / "run_a", b], tmp_path / "out" / "two.png", smooth=0.6)
     for p in (one, two):
-        # 3 x 3 panels of 5.2 x 3.4 inches at 100 dpi
-        assert png_size(p) == (1560, 1020) and p.stat().st_size > 50_000
+        # 4 x 3 panels of 5.2 x 3.4 inches at 100 dpi
+        assert png_size(p) == (1560, 1360) and p.stat().st_size > 50_000
         assert mpimg.imread(p)[..., :3].std() > 0.05  # not a blank canvas
     # the second run adds visible curves
     assert np.abs(mpimg.imread(one) - mpimg.imread(two)).mean() > 1e-3
@@ -465,7 +494,7 @@ def test_tensorboard_events_match_metrics_jsonl(tiny_run):
 
     # The dashboard of the real run renders.
     png = plot_runs([tiny_run.parent], tiny_run.parent / "dash.png")
-    assert png_size(png) == (1560, 1020)
+    assert png_size(png) == (1560, 1360)
 
 
 def test_plot_cli(tmp_path, capsys):
@@ -475,7 +504,7 @@ def test_plot_cli(tmp_path, capsys):
     write_metrics(tmp_path / "b", 12, seed=1)
     fig = tmp_path / "fig.png"
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(fig)]) == 0
-    assert png_size(fig) == (1560, 1020)
+    assert png_size(fig) == (1560, 1360)
     assert main(["plot", str(tmp_path / "nothing"), "--output", str(tmp_path / "f.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("megatron-simpo: error: plot:") and "does not exist" in err

@@ -157,7 +157,9 @@ MODES = {
     "packed_prefix": {"pack_pairs": True, "prefix_sharing": True},
 }
 # name -> (train overrides, parallel overrides, micro-batch size); a world of 2 ranks.
-SDPA, LOCAL = {"attention_backend": "sdpa"}, {"attention_backend": "local"}
+# The model is built unfused; packing comes from the batches (MODES), not the config defaults.
+SDPA = {"attention_backend": "sdpa", "fused_loss_head": False}
+LOCAL = {"attention_backend": "local", "fused_loss_head": False}
 LAYOUTS = {
     "dp2_sdpa": (SDPA, {}, 4),
     "dp2_local": (LOCAL, {}, 4),
@@ -286,8 +288,8 @@ def test_cli_flags_reach_the_trainer(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         return [json.loads(x) for x in (tb / "metrics.jsonl").read_text().splitlines()]
 
-    padded = run("padded")
-    shared = run("shared", "--pack-pairs", "--prefix-sharing")
+    padded = run("padded", "--no-pack-pairs", "--no-prefix-sharing")  # both default on here
+    shared = run("shared", "--pack-pairs", "--prefix-sharing")  # the old flags still work
     from megatron_simpo.data.batching import global_batch_indices
 
     pairs = varied_pairs(24)
@@ -304,3 +306,56 @@ def test_cli_flags_reach_the_trainer(tmp_path):
         assert saved > 0 and b["tokens"] == a["tokens"] - saved
         assert b["model_flops"] < a["model_flops"]
         assert b["tokens_per_sec"] == pytest.approx(b["tokens"] / b["iteration_time"])
+
+
+# Evaluation scores pairs as training collates them (evaluate.collate_group): per-pair results of
+# packed / prefix-shared scoring equal the padded ones. Forward only, same weights, fp32: only
+# the summation order differs, so LOGP_ATOL per unit of magnitude (see above) bounds each value.
+EVAL_LAYOUTS = {"dp2": {}, "pp2": {"pipeline_model_parallel_size": 2}}
+
+
+def _eval_worker(rank, world):
+    import dataclasses
+
+    from layouts import config_dict
+
+    from megatron_simpo import parallel
+    from megatron_simpo.config import RunConfig
+    from megatron_simpo.evaluate import collate_group, score_pairs
+    from megatron_simpo.train import Trainer
+
+    parallel.init_distributed()
+    pairs = varied_pairs(11)  # odd: a short last micro-batch (and, at DP2, uneven slices)
+    for name, overrides in EVAL_LAYOUTS.items():
+        raw = config_dict("tp1", str(VARIED), None)
+        raw["parallel"] = dict(overrides)
+        raw["train"].update(SDPA, seq_length=SEQ_LENGTH, micro_batch_size=3, global_batch_size=12)
+        raw["train"].update(pack_pairs=False, prefix_sharing=False, fused_loss_head=False)
+        trainer = Trainer(RunConfig.from_dict(raw))
+        trainer.setup()
+        cfg = trainer.cfg
+        ref = score_pairs(trainer.model, cfg, pairs)
+        for mode, flags in MODES.items():
+            if mode == "padded":
+                continue
+            train = dataclasses.replace(cfg.train, **flags)
+            packed_cfg = dataclasses.replace(cfg, train=train)
+            # It really scores packed rows: fewer computed positions than the padded batches.
+            (a,), _ = collate_group([pairs[:3]], cfg, 1)
+            (b,), _ = collate_group([pairs[:3]], packed_cfg, 1)
+            assert "segment_ids" in b and b["tokens"].numel() < a["tokens"].numel(), mode
+            got = score_pairs(trainer.model, packed_cfg, pairs)
+            assert (got is None) == (ref is None), (name, mode)
+            if ref is None:
+                continue
+            assert len(got) == len(ref) == len(pairs)
+            for key in ref[0]:
+                want = torch.tensor([r[key] for r in ref])
+                err = (torch.tensor([r[key] for r in got]) - want).abs().max().item()
+                tol = LOGP_ATOL * max(1.0, want.abs().max().item())
+                assert err <= tol, (name, mode, key, err, tol)
+        parallel.destroy_model_parallel()
+
+
+def test_evaluation_packed_matches_padded_per_pair():
+    run_gloo(2, _eval_worker)

@@ -120,9 +120,37 @@ def test_activations_by_hand():
 
 def test_loss_head_is_logits_of_one_micro_batch():
     m = plan.load_model("llama3-8b")
-    b = plan.breakdown(m, layout(tp=2, dp=4, micro_batch_size=2, num_microbatches=8), JOB)
+    lay = layout(tp=2, dp=4, micro_batch_size=2, num_microbatches=8)
+    b = plan.breakdown(m, lay, replace(JOB, fused_loss_head=False))
     # [2 x 2 pairs x 4096 tokens, 128256 / 2] in bf16 + two fp32 copies.
     assert b["loss_head"] == 4 * 4096 * 128256 / 2 * (2 + 8)
+
+
+def test_fused_loss_head_is_one_chunk_plus_the_weight_gradient():
+    m = plan.load_model("llama3-8b")
+    lay = layout(tp=2, dp=4, micro_batch_size=2, num_microbatches=8)
+    v = 128256 / 2
+    fused = plan.breakdown(m, lay, replace(JOB, fused_loss_head=True))
+    # One chunk of 1024 tokens: bf16 matmul output + its fp32 copy; fp32 weight-gradient
+    # accumulator + the per-chunk [v, h] bf16 product and its fp32 copy.
+    assert fused["loss_head"] == 1024 * v * (2 + 4) + v * 4096 * (4 + 2 + 4)
+    chunk = plan.breakdown(m, lay, replace(JOB, fused_loss_head=True, loss_chunk_size=256))
+    assert fused["loss_head"] - chunk["loss_head"] == (1024 - 256) * v * 6
+    # Unset (the default, as in training): 16384 tokens per micro-batch, above the bf16
+    # threshold 0.6 x 1024 + 4096 -> the fused head, whose peak is the smaller.
+    assert JOB.fused_loss_head is None
+    auto = plan.breakdown(m, lay, JOB)
+    assert auto["loss_head"] == fused["loss_head"] < 4 * 4096 * v * 10
+    # Below the threshold (seq 1024 at one pair: 2048 tokens) the unfused head is smaller.
+    short = replace(JOB, seq_length=1024)
+    one = layout(tp=2, dp=4)
+    assert plan.fused_loss_head(m, one, short)[0] is False
+    unfused = plan.breakdown(m, one, replace(short, fused_loss_head=False))["loss_head"]
+    assert plan.breakdown(m, one, short)["loss_head"] == unfused == 2048 * v * 10
+    # Fused at 16384 tokens saves ~7.5 GB of the head at TP2, and the rows say which head.
+    assert 4 * 4096 * v * 10 - fused["loss_head"] > 7e9
+    rows = plan.plan(m, JOB, tp=2)["layouts"]
+    assert rows and all(r["fused_loss_head"] for r in rows)
 
 
 def test_dpo_exceeds_simpo_by_exactly_the_reference_weights():
@@ -232,6 +260,7 @@ def test_cli_table_json_and_errors():
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     assert "verdict: fits" in r.stdout and "bytes/param" in r.stdout
+    assert "loss head fused where it saves memory" in r.stdout and " fused\n" in r.stdout
     r = run_cli(*args, "--tp", "2", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -239,7 +268,16 @@ def test_cli_table_json_and_errors():
     assert out["verdict"] == direct["verdict"]
     assert out["model"]["params"] == LLAMA3_8B_PARAMS
     assert [r["name"] for r in out["layouts"]] == [r["name"] for r in direct["layouts"]]
-    for bad, word in [(["--tp", "3"], "--tp"), (["--nodes", "0"], "--nodes")]:
+    table = run_cli(*args, "--seq-length", "1024", "--tp", "2", "--json")
+    off = run_cli(*args, "--seq-length", "1024", "--tp", "2", "--json", "--fused-loss-head")
+    auto, forced = json.loads(table.stdout), json.loads(off.stdout)
+    assert not any(r["fused_loss_head"] for r in auto["layouts"])  # 2048 tokens: below
+    assert all(r["fused_loss_head"] for r in forced["layouts"])
+    for bad, word in [
+        (["--tp", "3"], "--tp"),
+        (["--nodes", "0"], "--nodes"),
+        (["--loss-chunk-size", "0"], "--loss-chunk-size"),
+    ]:
         r = run_cli(*args, *bad)
         assert r.returncode == 2
         lines = r.stderr.strip().splitlines()

@@ -23,6 +23,7 @@ import torch
 
 from megatron_simpo.config import ParallelConfig
 from megatron_simpo.data.packing import collate_packed, pack_rows, row_width
+from megatron_simpo.data.reference import with_reference
 from megatron_simpo.loss import batch_totals
 
 
@@ -85,7 +86,8 @@ def collate(pairs: list[Pair], seq_len: int, pad_id: int = 0) -> dict[str, torch
     Returns:
         ``tokens`` ``[2b, seq_len]`` int64, ``labels`` ``[2b, seq_len]`` int64, ``loss_mask``
         ``[2b, seq_len]`` float, ``position_ids`` ``[2b, seq_len]`` int64, ``weights`` ``[b]``,
-        ``lengths`` ``[2b]`` response lengths, ``seq_tokens`` ``[2b]`` prompt+response lengths.
+        ``lengths`` ``[2b]`` response lengths, ``seq_tokens`` ``[2b]`` prompt+response lengths;
+        with reference log-probs also ``ref_logps`` ``[2b]`` float64 (:func:`with_reference`).
     """
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [
         (p.prompt_ids, p.rejected_ids) for p in pairs
@@ -108,7 +110,7 @@ def collate(pairs: list[Pair], seq_len: int, pad_id: int = 0) -> dict[str, torch
         seq_tokens[r] = len(seq)
     if bool((loss_mask.sum(-1) == 0).any()):
         raise ValueError("a pair without response tokens reached collation; validate the data")
-    return {
+    batch = {
         "tokens": tokens,
         "labels": labels,
         "loss_mask": loss_mask,
@@ -117,6 +119,7 @@ def collate(pairs: list[Pair], seq_len: int, pad_id: int = 0) -> dict[str, torch
         "lengths": lengths,
         "seq_tokens": seq_tokens,
     }
+    return with_reference(batch, pairs)
 
 
 class PairBatcher:

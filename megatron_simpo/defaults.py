@@ -1,0 +1,180 @@
+"""The defaults that depend on the run: packing, prefix sharing and the fused loss head.
+
+``--pack-pairs``, ``--prefix-sharing`` and ``--fused-loss-head`` default to *unset* (None in
+``TrainConfig``): "on wherever applicable". :func:`resolve` turns them into booleans with a
+reason each, from the attention backend, the model shape, the micro-batch size, the sequence
+length and the dtype; an explicit value (``--pack-pairs`` / ``--no-pack-pairs``, ...) always wins.
+
+* **Packing and prefix sharing** need an explicit block mask (``data/packing.py``), which the
+  ``sdpa`` and ``local`` backends take; with Transformer Engine (``--attention-backend te``, or
+  ``auto`` where TE and CUDA are present) they default to off: TE has no packed mask path yet.
+* **The fused loss head** is on where its modelled peak memory is below the unfused head's
+  (:func:`unfused_head_bytes` vs :func:`fused_head_bytes`, per micro-batch of ``T`` tokens on one
+  TP rank holding ``v = padded vocab / TP`` output rows of width ``h``; ``B`` bytes per element of
+  the model dtype, ``c = --loss-chunk-size``):
+
+  - unfused (``logprobs.py``): forward holds the logits (``B``) and two fp32 working copies
+    (max-shifted logits, their exponentials/softmax), ``(B + 8) T v``; backward the saved fp32
+    softmax turned into the logit gradient in place plus its cast to the model dtype and the
+    output layer's weight gradient, ``(4 + B') T v + B v h`` (``B' = 0`` in fp32, where the cast
+    is a no-op).
+  - fused (``fused_logprobs.py``): one chunk of logits at a time, ``(B' + 4) c v`` (the matmul's
+    model-dtype output and its fp32 copy), plus in backward the fp32 weight-gradient accumulator
+    ``4 v h`` and, in bf16/fp16, the per-chunk ``[v, h]`` product and its fp32 copy (``6 v h``).
+
+  ``v`` cancels, so the threshold is a token count (:func:`fused_head_threshold`). For
+  ``T >= c`` and ``T >= h / 2``: in bf16/fp16 the fused head is smaller iff
+  ``10 T > 6 c + 10 h``, i.e. ``T > 0.6 c + h``: 4711 tokens for Llama-3-8B (h 4096) at the
+  default chunk of 1024, so on at micro-batch 1 x seq 4096 (8192 tokens), off at seq 2048; 8807
+  for Llama-3-70B (h 8192). In fp32 both heads hold a ``4 v h`` weight gradient and the fused one
+  is smaller iff ``12 T > 4 c + 4 h`` (1025 tokens at h 4096; 33 at h 64). The bf16 weight-
+  gradient temporaries (``6 v h``) are what keeps the fused head off for shorter micro-batches.
+  ``benchmarks/bench_loss_head.py`` measures both (README, "Fused loss head").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_simpo.config import RunConfig
+
+#: Why packing / prefix sharing are off by default with Transformer Engine.
+TE_REASON = "TE backend has no packed mask path yet"
+
+
+def resolve_packing(
+    requested: bool | None, flag: str, backend: str, te_available: bool
+) -> tuple[bool, str]:
+    """``(value, reason)`` of ``--pack-pairs`` or ``--prefix-sharing`` (``flag``).
+
+    Args:
+        requested: the flag's value, None when unset.
+        backend: ``--attention-backend`` (``auto``, ``sdpa``, ``local`` or ``te``).
+        te_available: Transformer Engine importable and CUDA present (what ``auto`` picks by).
+    """
+    if requested is not None:
+        return requested, f"{flag if requested else '--no-' + flag[2:]} given"
+    resolved = ("te" if te_available else "sdpa") if backend == "auto" else backend
+    if resolved == "te":
+        return False, f"default off: {TE_REASON} (--attention-backend {backend})"
+    return True, f"default on: --attention-backend {backend} ({resolved}) takes the packing mask"
+
+
+def head_tokens(micro_batch_size: int, seq_length: int) -> int:
+    """Most target tokens of one micro-batch: ``2b`` sequences of ``--seq-length``, padded or
+    packed (a packed micro-batch holds the same pairs in fewer, fuller rows)."""
+    return 2 * micro_batch_size * seq_length
+
+
+def unfused_head_bytes(tokens: int, vocab_per_rank: int, hidden: int, dtype_bytes: int) -> float:
+    """Peak bytes of the unfused loss head of one micro-batch (see the module doc)."""
+    t, v, b = tokens, vocab_per_rank, dtype_bytes
+    cast = 0 if b == 4 else b
+    return max((b + 8) * t * v, (4 + cast) * t * v + b * v * hidden)
+
+
+def fused_head_bytes(
+    tokens: int, vocab_per_rank: int, hidden: int, dtype_bytes: int, chunk: int
+) -> float:
+    """Peak bytes of the fused chunked loss head of one micro-batch (see the module doc)."""
+    c, v = min(tokens, chunk), vocab_per_rank
+    low = dtype_bytes != 4
+    chunk_bytes = (dtype_bytes + 4 if low else 4) * c * v
+    weight_grad = (4 + 6 if low else 4) * v * hidden
+    return chunk_bytes + weight_grad
+
+
+def fused_head_threshold(hidden: int, dtype_bytes: int, chunk: int) -> int:
+    """Fewest tokens per micro-batch at which the fused head's modelled peak is below the
+    unfused head's (independent of the vocabulary, which both scale with)."""
+    lo, hi = 1, 1
+    while fused_head_bytes(hi, 1, hidden, dtype_bytes, chunk) >= unfused_head_bytes(
+        hi, 1, hidden, dtype_bytes
+    ):
+        lo, hi = hi, 2 * hi
+    while lo < hi:  # the smallest t in (lo, hi] where fused < unfused (monotone in t)
+        mid = (lo + hi) // 2
+        if fused_head_bytes(mid, 1, hidden, dtype_bytes, chunk) < unfused_head_bytes(
+            mid, 1, hidden, dtype_bytes
+        ):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def resolve_fused_loss_head(
+    requested: bool | None,
+    *,
+    hidden: int,
+    vocab_per_rank: int,
+    micro_batch_size: int,
+    seq_length: int,
+    dtype_bytes: int,
+    chunk: int,
+) -> tuple[bool, str]:
+    """``(value, reason)`` of ``--fused-loss-head``: unset, on iff it saves memory."""
+    if requested is not None:
+        return requested, f"{'--' if requested else '--no-'}fused-loss-head given"
+    tokens = head_tokens(micro_batch_size, seq_length)
+    args = (tokens, vocab_per_rank, hidden, dtype_bytes)
+    fused, unfused = fused_head_bytes(*args, chunk), unfused_head_bytes(*args)
+    threshold = fused_head_threshold(hidden, dtype_bytes, chunk)
+    why = (
+        f"modelled peak {_size(fused)} fused vs {_size(unfused)} unfused at "
+        f"{tokens} tokens/micro-batch (threshold {threshold} tokens)"
+    )
+    on = fused < unfused
+    return on, f"default {'on' if on else 'off'}: {why}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def resolve(cfg: RunConfig, te_available: bool, dtype_bytes: int) -> tuple[RunConfig, dict]:
+    """A copy of ``cfg`` whose unset defaults are decided, and ``{field: (value, reason)}``.
+
+    Args:
+        te_available: Transformer Engine importable and CUDA present.
+        dtype_bytes: bytes per element of the model dtype (``model.model_dtype``).
+    """
+    t, m = cfg.train, cfg.model
+    out = {
+        name: resolve_packing(getattr(t, name), flag, t.attention_backend, te_available)
+        for name, flag in (("pack_pairs", "--pack-pairs"), ("prefix_sharing", "--prefix-sharing"))
+    }
+    out["fused_loss_head"] = resolve_fused_loss_head(
+        t.fused_loss_head,
+        hidden=m.hidden_size,
+        vocab_per_rank=m.padded_vocab_size() // cfg.parallel.tensor_model_parallel_size,
+        micro_batch_size=t.micro_batch_size,
+        seq_length=t.seq_length,
+        dtype_bytes=dtype_bytes,
+        chunk=t.loss_chunk_size,
+    )
+    train = dataclasses.replace(t, **{k: v for k, (v, _) in out.items()})
+    return dataclasses.replace(cfg, train=train), out
+
+
+def resolve_for_run(cfg: RunConfig, announce: bool = True) -> RunConfig:
+    """:func:`resolve` for this process (TE and CUDA detected, the model dtype); prints each
+    value and its reason once, on global rank 0 (``announce``)."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_simpo.model import have_transformer_engine, model_dtype
+
+    te = have_transformer_engine() and torch.cuda.is_available()
+    dtype_bytes = torch.empty((), dtype=model_dtype(cfg)).element_size()
+    resolved, why = resolve(cfg, te, dtype_bytes)
+    if announce and (not dist.is_initialized() or dist.get_rank() == 0):
+        for name, (value, reason) in why.items():
+            print(f"defaults: {name} = {value} ({reason})", flush=True)
+    return resolved
