@@ -136,18 +136,21 @@ def test_training_flops_equal_torch_flop_counter_on_the_megatron_model(tmp_path)
         # backward of every matmul is 2x its forward (the embedding weight needs the first
         # layer's input gradient), which is where the formula's 3x comes from.
         assert set(counted["ops"]) <= {"aten.mm", "aten.bmm", "aten.baddbmm", "aten.addmm"}
-        assert counted["total"] == training_flops(model_cfg, SEQ_LENS), name
+        full = training_flops(model_cfg, SEQ_LENS, causal=False)  # the whole square
+        assert counted["total"] == full, name
         # and the attention part alone (the only term quadratic in s) agrees too.
         attention = counted["ops"].get("aten.bmm", 0) + counted["ops"].get("aten.baddbmm", 0)
         dense = 3 * 2 * sum(SEQ_LENS) * matmul_params(model_cfg)
-        assert attention == training_flops(model_cfg, SEQ_LENS) - dense > 0
+        assert attention == full - dense > 0
+        # The default (Megatron-LM's causal accounting) counts half of that square.
+        assert 2 * (training_flops(model_cfg, SEQ_LENS) - dense) == attention
         # Prefix sharing: the dense work is that of the prompt once plus both branches, exactly
         # the formula's dense term; the masked kernel computes the whole row x row square, the
         # formula counts the two sequences' squares less the shared prompt block (module
         # docstring of flops.py), which is less than the row square and more than either alone.
         shared = counted["shared"]
         q, c, r = SHARED_INPUTS
-        formula = pairs_training_flops(model_cfg, [q + c], [q + r], [q])
+        formula = pairs_training_flops(model_cfg, [q + c], [q + r], [q], causal=False)
         shared_dense = 3 * 2 * (q + c + r) * matmul_params(model_cfg)
         assert shared["aten.mm"] == shared_dense
         kernel_square = shared["aten.bmm"] + shared["aten.baddbmm"]
@@ -155,7 +158,7 @@ def test_training_flops_equal_torch_flop_counter_on_the_megatron_model(tmp_path)
         per_entry *= model_cfg.head_size
         assert kernel_square == per_entry * (q + c + r) ** 2
         assert formula - shared_dense == per_entry * ((q + c) ** 2 + (q + r) ** 2 - q**2)
-        assert formula < training_flops(model_cfg, [q + c, q + r])  # what the padded path costs
+        assert formula < training_flops(model_cfg, [q + c, q + r], causal=False)  # padded path
 
 
 def test_shared_pair_flops_without_a_prefix_are_two_sequences():
@@ -166,9 +169,11 @@ def test_shared_pair_flops_without_a_prefix_are_two_sequences():
     # * heads * head_dim.
     params = matmul_params(m)
     want = 2 * 16 * params + 2 * 2 * 2 * 200 * 6 * 24
-    assert shared_pair_forward_flops(m, 5, 4, 7) == want
+    assert shared_pair_forward_flops(m, 5, 4, 7, causal=False) == want
+    causal = 2 * 16 * params + 2 * 2 * 2 * 100 * 6 * 24  # half the squares
+    assert shared_pair_forward_flops(m, 5, 4, 7) == causal
     assert pairs_training_flops(m, [9, 7], [12, 3], [5, 0]) == 3 * (
-        want + forward_flops(m, 7) + forward_flops(m, 3)
+        causal + forward_flops(m, 7) + forward_flops(m, 3)
     )
 
 
@@ -214,8 +219,8 @@ def test_flop_formula_terms():
     params = 2 * (96 * 144 + 2 * 96 * 48 + 144 * 96 + 3 * 96 * 160) + 96 * 128
     s = 10
     attention = 2 * 2 * 2 * s * s * 144  # layers * (QK^T + AV) * 2 FLOPs/MAC * s^2 * heads*dim
-    assert forward_flops(m, s) == 2 * s * params + attention
-    assert forward_flops(m, s, causal=True) == 2 * s * params + attention // 2
+    assert forward_flops(m, s, causal=False) == 2 * s * params + attention
+    assert forward_flops(m, s) == 2 * s * params + attention // 2  # causal: Megatron-LM's count
     assert training_flops(m, [s, s]) == 6 * forward_flops(m, s)
 
 
@@ -503,3 +508,31 @@ def test_plot_cli(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nothing"), "--output", str(tmp_path / "f.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("megatron-simpo: error: plot:") and "does not exist" in err
+
+
+def test_mfu_of_llama3_8b_against_a_float64_hand_computation():
+    """Megatron-LM's MFU formula for a causal decoder, written out in float64 for Llama 3 8B
+    (GQA 32/8 heads of 128, SwiGLU 14336, vocab 128256; no padding of the vocabulary): one
+    training iteration of a pair with a shared 700-token prompt and responses of 300 and 500
+    tokens, prompt counted once, attention half the square; 8 GPUs, 12 s, 989 TFLOP/s peak."""
+    from megatron_simpo.config import ModelConfig
+
+    m = ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        make_vocab_size_divisible_by=128,
+    )
+    h, L, f, V, a, g, d = 4096.0, 32.0, 14336.0, 128256.0, 32.0, 8.0, 128.0
+    q, c, r = 700.0 - 1, 300.0, 500.0  # inputs: the prompt's last token is each branch's own
+    per_layer = h * a * d + 2 * h * g * d + a * d * h + 3 * h * f
+    dense = 2 * (q + c + r) * (L * per_layer + h * V)
+    square = ((q + c) ** 2 + (q + r) ** 2 - q**2) / 2  # causal: half, shared block once
+    attention = L * 2 * 2 * square * a * d
+    want = 3 * (dense + attention)
+    got = pairs_training_flops(m, [int(q + c)], [int(q + r)], [int(q)])
+    assert got == pytest.approx(want, rel=1e-12)  # integers vs float64: exact up to rounding
+    assert mfu(got, 12.0, 8, 989.0) == pytest.approx(want / 12.0 / 8 / 989e12, rel=1e-12)
