@@ -7,8 +7,10 @@ Two conditions, both from metrics the run already logs (names as in :mod:`megatr
   ``eval/rewards/accuracies`` moved by less than ``--alarm-flat-accuracy`` between the first and
   the last of them. Both rewards are sliding down together: the model is pushing probability
   mass off the preferred responses without learning to tell them apart.
-* **Chosen log-prob drop** (training): ``logps/chosen`` (mean log-prob per chosen response
-  token) is more than ``--alarm-logp-drop`` nats below its first logged value.
+* **Chosen log-prob drop** (training): the mean log-prob per chosen response token
+  (``logps/chosen_mean`` for the objectives whose ``logps/chosen`` is summed, as TRL's DPO and
+  CPO trainers log it; ``logps/chosen`` otherwise) is more than ``--alarm-logp-drop`` nats below
+  its first logged value.
 
 Each condition warns once when it starts and stays silent while it lasts; once it has cleared
 (a rise in the chosen reward or a moving accuracy; the log-prob back above the threshold) it can
@@ -65,8 +67,9 @@ class DriftMonitor:
             )
             if msg:
                 out.append(msg)
-        if "logps/chosen" in metrics:
-            msg = self._update_logp(iteration, float(metrics["logps/chosen"]))
+        key = "logps/chosen_mean" if "logps/chosen_mean" in metrics else "logps/chosen"
+        if key in metrics:
+            msg = self._update_logp(iteration, float(metrics[key]), key)
             if msg:
                 out.append(msg)
         return out
@@ -94,7 +97,7 @@ class DriftMonitor:
             "better. Consider a lower --lr, a smaller --beta or --sft-weight > 0."
         )
 
-    def _update_logp(self, iteration: int, logp: float) -> str | None:
+    def _update_logp(self, iteration: int, logp: float, key: str) -> str | None:
         if self._first_logp is None:
             self._first_logp = (iteration, logp)
             return None
@@ -106,7 +109,7 @@ class DriftMonitor:
         if not fire:
             return None
         return (
-            f"drift alarm (chosen log-prob drop) at iteration {iteration}: logps/chosen is "
+            f"drift alarm (chosen log-prob drop) at iteration {iteration}: {key} is "
             f"{logp:.4f}, more than {self.logp_drop} below its first value {first:.4f} "
             f"(iteration {it0}); preferred responses are becoming less likely. Consider a lower "
             "--lr or --sft-weight > 0, and watch response lengths and generations."

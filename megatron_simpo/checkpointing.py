@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_simpo import compat
 from megatron_simpo.errors import CheckpointError
-from megatron_simpo.model import unwrap
+from megatron_simpo.model import sync_params, unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_STATE = "run_state.json"
@@ -65,6 +65,7 @@ def _refuse_missing(ckpt: Path, missing: list[str]) -> None:
 
 
 def _model_state(model: list) -> dict[str, Any]:
+    sync_params(model)  # --overlap-param-gather: the step's all-gather completes here
     if len(model) == 1:
         return {"model": unwrap(model[0]).sharded_state_dict()}
     return {f"model{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(model)}

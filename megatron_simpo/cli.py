@@ -10,9 +10,9 @@ Commands:
     plan                  Per-GPU memory (SimPO vs DPO+reference) and layouts that fit.
 
 Flags are generated from the config dataclasses (``megatron_simpo/config.py``): every field
-``foo_bar`` is ``--foo-bar``; booleans also take ``--no-foo-bar``. ``--config FILE`` reads a YAML
-file first and ``--model-config`` a Hugging Face ``config.json``; flags given on the command line
-override both.
+``foo_bar`` is ``--foo-bar`` (``config.FLAG_NAMES`` adds ``--loss`` for ``objective``); booleans
+also take ``--no-foo-bar``. ``--config FILE`` reads a YAML file first and ``--model-config`` a
+Hugging Face ``config.json``; flags given on the command line override both.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 
 from megatron_simpo import compat
 from megatron_simpo.config import (
+    FLAG_NAMES,
     SECTIONS,
     ModelConfig,
     RunConfig,
@@ -57,12 +58,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         docs, hints = field_docs(cls), field_types(cls)
         for f in fields(cls):
             tp, choices = _base_type(hints[f.name])
-            flag = "--" + f.name.replace("_", "-")
+            spelled = "--" + f.name.replace("_", "-")
+            flags = [FLAG_NAMES[f.name], spelled] if f.name in FLAG_NAMES else [spelled]
             dest = f"{section}.{f.name}"
             help_text = docs.get(f.name, "")
             if tp is bool:
                 group.add_argument(
-                    flag,
+                    *flags,
                     dest=dest,
                     action=argparse.BooleanOptionalAction,
                     default=argparse.SUPPRESS,
@@ -70,7 +72,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 )
             elif tp is dict:
                 group.add_argument(
-                    flag,
+                    *flags,
                     dest=dest,
                     type=json.loads,
                     default=argparse.SUPPRESS,
@@ -78,7 +80,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 )
             else:
                 group.add_argument(
-                    flag,
+                    *flags,
                     dest=dest,
                     type=tp,
                     choices=choices,

@@ -170,8 +170,25 @@ class ParallelConfig:
     """Shard activations along the sequence in the non-tensor-parallel regions (needs TP > 1)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state (and fp32 master weights) over data-parallel ranks."""
+    overlap_grad_reduce: bool = True
+    """With --use-distributed-optimizer: reduce-scatter each gradient bucket as soon as the
+    last micro-batch's backward has filled it, overlapped with the rest of backward (Megatron's
+    DDP); --no-overlap-grad-reduce reduces after backward. No effect without it."""
+    overlap_param_gather: bool = True
+    """With --use-distributed-optimizer: all-gather the updated parameters bucket by bucket in
+    the next forward (forward pre-hooks) instead of at the end of the optimizer step;
+    --no-overlap-param-gather gathers in the step. No effect without it."""
     distributed_timeout_minutes: int = 10
     """Timeout of collectives, so a dead rank surfaces as an error instead of a hang."""
+    variable_seq_lengths: bool = True
+    """Pipeline parallelism: stages send each micro-batch's shape before its activations
+    (Megatron-Core's ``variable_seq_lengths``), so a micro-batch is padded only to its own longest
+    sequence (rounded up to --pipeline-pad-multiple); --no-variable-seq-lengths pads every
+    micro-batch to the longest of the rank's slice (fixed shapes, as before)."""
+    pipeline_pad_multiple: int = 64
+    """With --variable-seq-lengths under pipeline parallelism: micro-batch widths are rounded up
+    to a multiple of this (fewer distinct shapes for kernels and the allocator), never beyond
+    --seq-length."""
 
 
 #: gamma / beta when neither --gamma-beta-ratio nor --simpo-gamma is given: the SimPO
@@ -179,36 +196,147 @@ class ParallelConfig:
 DEFAULT_GAMMA_BETA_RATIO = 0.25
 
 
+#: ``--loss`` choices (``megatron_simpo.loss.OBJECTIVES``; kept here so config imports no torch).
+OBJECTIVE_NAMES = ("simpo", "dpo", "ipo", "dpo-hinge", "dpo-norm", "cpo", "orpo")
+#: ``--beta`` when not given: SimPO's 2.0 (the SimPO code's default), TRL's 0.1 for the others.
+DEFAULT_BETA = {"simpo": 2.0}
+DEFAULT_BETA_OTHERS = 0.1
+#: ``--loss-type`` values each objective accepts (the first is the default).
+LOSS_TYPES = {"simpo": ("sigmoid", "hinge"), "cpo": ("sigmoid", "hinge", "ipo")}
+#: CLI spelling of fields whose flag is not ``--field-name`` (the field name's spelling also works).
+FLAG_NAMES = {"objective": "--loss"}
+
+
 @dataclass
 class LossConfig:
-    """The SimPO objective (see ``megatron_simpo/loss.py``)."""
+    """The preference objective (see ``megatron_simpo/loss.py`` and the README's objectives)."""
 
-    beta: float = 2.0
-    """Reward scale: r = beta * mean response-token log-prob."""
+    objective: Literal["simpo", "dpo", "ipo", "dpo-hinge", "dpo-norm", "cpo", "orpo"] = "simpo"
+    """Objective (flag --loss): simpo; the DPO family from precomputed reference log-probs
+    (dpo, ipo, dpo-hinge, dpo-norm; run `megatron-simpo score-reference` first); the
+    reference-free cpo and orpo."""
+    beta: float | None = None
+    """Reward scale / temperature (SimPO: r = beta * mean log-prob; DPO/CPO: TRL's beta; ORPO:
+    the odds-ratio weight lambda, TRL's beta). Default: 2.0 for simpo, 0.1 (TRL's) otherwise."""
     gamma_beta_ratio: float | None = None
-    """Target margin as gamma / beta (reference-code convention). If neither this nor
+    """SimPO's target margin as gamma / beta (reference-code convention). If neither this nor
     --simpo-gamma is set: 0.25, the SimPO code's default (gamma 0.5 at beta 2)."""
     simpo_gamma: float | None = None
-    """Absolute target margin gamma (TRL's convention); exclusive with --gamma-beta-ratio."""
-    loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
-    """'sigmoid': -log sigmoid(margin); 'hinge': relu(1 - margin)."""
+    """SimPO's absolute target margin gamma (TRL's convention); exclusive with
+    --gamma-beta-ratio."""
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    """Preference loss of --loss simpo (sigmoid, hinge) and cpo (sigmoid, hinge, ipo: TRL's
+    CPOTrainer loss_type); the DPO family picks it by name (--loss dpo-hinge, --loss ipo)."""
     label_smoothing: float = 0.0
-    """Conservative (label-smoothed) sigmoid loss, in [0, 0.5)."""
+    """Conservative (label-smoothed) sigmoid loss, in [0, 0.5): simpo and cpo with the sigmoid
+    loss, dpo, dpo-norm."""
     sft_weight: float = 0.0
-    """Weight of an NLL term on the chosen responses (TRL's cpo_alpha, the SimPO code's
-    sft_weight); its reduction is --sft-reduction."""
+    """Weight of an NLL term on the chosen responses for simpo and the DPO family (the SimPO
+    code's sft_weight; RPO for DPO); its reduction is --sft-reduction. CPO and ORPO have their
+    own: --cpo-alpha, --orpo-alpha."""
     sft_reduction: Literal["token", "pair"] = "token"
-    """NLL term of --sft-weight: 'token' pools it over all chosen tokens of the global batch
-    (TRL and the SimPO code; long responses weigh more); 'pair' averages each pair's per-token
-    mean NLL over pairs (every pair weighs the same). Pair weights apply to both."""
+    """NLL term (--sft-weight, --cpo-alpha, --orpo-alpha): 'token' pools it over all chosen tokens
+    of the global batch (TRL and the SimPO code; long responses weigh more); 'pair' averages each
+    pair's per-token mean NLL over pairs (every pair weighs the same). Pair weights apply to
+    both."""
+    cpo_alpha: float | None = None
+    """Weight of CPO's NLL term on the chosen responses (TRL's cpo_alpha; default 1.0)."""
+    orpo_alpha: float | None = None
+    """Weight of ORPO's NLL term (default 1.0, which TRL's ORPOTrainer fixes; the odds-ratio
+    term's lambda is --beta, as in TRL)."""
+
+    @property
+    def resolved_beta(self) -> float:
+        """--beta, or the objective's default (the only place it is defined)."""
+        if self.beta is not None:
+            return self.beta
+        return DEFAULT_BETA.get(self.objective, DEFAULT_BETA_OTHERS)
 
     @property
     def gamma(self) -> float:
-        """The absolute margin gamma (the only place the default margin is defined)."""
+        """SimPO's absolute margin gamma (the only place the default margin is defined)."""
         if self.simpo_gamma is not None:
             return self.simpo_gamma
         ratio = self.gamma_beta_ratio
-        return self.beta * (DEFAULT_GAMMA_BETA_RATIO if ratio is None else ratio)
+        return self.resolved_beta * (DEFAULT_GAMMA_BETA_RATIO if ratio is None else ratio)
+
+    @property
+    def nll_weight(self) -> float:
+        """Weight of the objective's NLL term of the chosen responses."""
+        if self.objective == "cpo":
+            return 1.0 if self.cpo_alpha is None else self.cpo_alpha
+        if self.objective == "orpo":
+            return 1.0 if self.orpo_alpha is None else self.orpo_alpha
+        return self.sft_weight
+
+    @property
+    def needs_reference(self) -> bool:
+        """True for the DPO family (its loss reads the reference model's log-probs)."""
+        return self.objective in ("dpo", "ipo", "dpo-hinge", "dpo-norm")
+
+    def validate(self) -> None:
+        """Refuses impossible combinations; each ConfigError names the flag."""
+        obj = self.objective
+        if obj not in OBJECTIVE_NAMES:
+            raise ConfigError(f"--loss must be one of {', '.join(OBJECTIVE_NAMES)}, got {obj!r}")
+        if self.beta is not None and self.beta <= 0:
+            raise ConfigError(f"--beta must be positive, got {self.beta}")
+        types_ok = LOSS_TYPES.get(obj, ("sigmoid",))
+        if self.loss_type not in types_ok:
+            hint = (
+                {
+                    "hinge": "; for DPO with the hinge loss use --loss dpo-hinge",
+                    "ipo": "; for IPO with a reference use --loss ipo",
+                }.get(self.loss_type, "")
+                if self.needs_reference
+                else ""
+            )
+            raise ConfigError(
+                f"--loss-type {self.loss_type} does not apply to --loss {obj} (it takes "
+                f"{' / '.join(types_ok)}){hint}"
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        smoothable = obj in ("dpo", "dpo-norm") or (
+            obj in ("simpo", "cpo") and self.loss_type == "sigmoid"
+        )
+        if self.label_smoothing and not smoothable:
+            what = f"--loss {obj}" + (f" --loss-type {self.loss_type}" if obj in LOSS_TYPES else "")
+            raise ConfigError(
+                f"--label-smoothing is not defined for {what}; it applies to the sigmoid losses "
+                "(simpo, cpo with --loss-type sigmoid, dpo, dpo-norm)"
+            )
+        if obj != "simpo":
+            for flag, value in (
+                ("--gamma-beta-ratio", self.gamma_beta_ratio),
+                ("--simpo-gamma", self.simpo_gamma),
+            ):
+                if value is not None:
+                    raise ConfigError(
+                        f"{flag} is SimPO's margin; it does not apply to --loss {obj}"
+                    )
+        if self.gamma_beta_ratio is not None and self.simpo_gamma is not None:
+            raise ConfigError(
+                "--gamma-beta-ratio and --simpo-gamma both set: give exactly one "
+                "(gamma = gamma_beta_ratio * beta, or the absolute --simpo-gamma)"
+            )
+        if self.sft_reduction not in ("token", "pair"):
+            raise ConfigError(
+                f"--sft-reduction must be 'token' or 'pair', got {self.sft_reduction!r}"
+            )
+        if self.sft_weight < 0:
+            raise ConfigError(f"--sft-weight must be >= 0, got {self.sft_weight}")
+        if self.sft_weight and obj in ("cpo", "orpo"):
+            raise ConfigError(
+                f"--sft-weight does not apply to --loss {obj}: its NLL weight is --{obj}-alpha"
+            )
+        for name, value in (("cpo", self.cpo_alpha), ("orpo", self.orpo_alpha)):
+            if value is None:
+                continue
+            if value < 0:
+                raise ConfigError(f"--{name}-alpha must be >= 0, got {value}")
+            if obj != name:
+                raise ConfigError(f"--{name}-alpha applies to --loss {name} only, not {obj}")
 
 
 @dataclass
@@ -430,6 +558,7 @@ class RunConfig:
             ("--global-batch-size", t.global_batch_size),
             ("--train-iters", t.train_iters),
             ("--seq-length", t.seq_length),
+            ("--pipeline-pad-multiple", p.pipeline_pad_multiple),
         ]:
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -499,25 +628,7 @@ class RunConfig:
             } - set(m.rope_scaling)
             if missing:
                 raise ConfigError(f"model.rope_scaling lacks {sorted(missing)}")
-        if lo.gamma_beta_ratio is not None and lo.simpo_gamma is not None:
-            raise ConfigError(
-                "--gamma-beta-ratio and --simpo-gamma both set: give exactly one "
-                "(gamma = gamma_beta_ratio * beta, or the absolute --simpo-gamma)"
-            )
-        if lo.loss_type not in ("sigmoid", "hinge"):
-            raise ConfigError(f"--loss-type must be 'sigmoid' or 'hinge', got {lo.loss_type!r}")
-        if not 0.0 <= lo.label_smoothing < 0.5:
-            raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {lo.label_smoothing}")
-        if lo.loss_type == "hinge" and lo.label_smoothing:
-            raise ConfigError("--label-smoothing applies to --loss-type sigmoid only")
-        if lo.beta <= 0:
-            raise ConfigError(f"--beta must be positive, got {lo.beta}")
-        if lo.sft_reduction not in ("token", "pair"):
-            raise ConfigError(
-                f"--sft-reduction must be 'token' or 'pair', got {lo.sft_reduction!r}"
-            )
-        if lo.sft_weight < 0:
-            raise ConfigError(f"--sft-weight must be >= 0, got {lo.sft_weight}")
+        lo.validate()
         if t.keep_last is not None and t.keep_last < 1:
             raise ConfigError(f"--keep-last must be >= 1, got {t.keep_last}")
         if not isinstance(t.loss_chunk_size, int) or t.loss_chunk_size < 1:

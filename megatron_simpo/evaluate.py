@@ -1,18 +1,20 @@
-"""SimPO metrics of a checkpoint on a preference file, without training.
+"""Preference metrics of a checkpoint on a preference file, without training.
 
     torchrun --nproc-per-node 2 -m megatron_simpo evaluate --load CKPT \\
         --data-path pairs.jsonl --beta 2.0 --gamma-beta-ratio 0.5 --output eval.json \\
         --tensor-model-parallel-size 2
 
-Writes JSON with ``loss`` (the SimPO objective over all pairs as one batch: weighted mean, plus
-``--sft-weight`` x ``nll_loss``), ``nll_loss`` (NLL of the chosen responses, ``--sft-reduction``),
-and, over the pairs of positive weight, ``rewards/chosen``, ``rewards/rejected``,
-``rewards/margins`` (chosen minus rejected reward, without gamma), ``rewards/accuracies``,
-``logps/chosen``, ``logps/rejected`` (mean log-prob per response token), ``length/chosen``,
-``length/rejected``; ``num_pairs``; and ``per_pair`` (a list in file order of objects with
+Writes JSON with ``loss`` (the ``--loss`` objective over all pairs as one batch: weighted mean,
+plus its NLL weight x ``nll_loss``), ``nll_loss`` (NLL of the chosen responses,
+``--sft-reduction``), and, over the pairs of positive weight, the objective's metrics of
+:mod:`megatron_simpo.metrics` (``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` and their ``_sum``/``_mean``
+counterpart, ORPO's ``log_odds_ratio``, ``log_odds_chosen``, ``length/chosen``,
+``length/rejected``); ``num_pairs``; and ``per_pair`` (a list in file order of objects with
 ``loss`` (the pair's own unweighted loss), ``nll_loss`` (its chosen per-token mean NLL), the
-metrics above, ``weight``, and ``row``: the pair's 0-based row in the source, since invalid rows
-(with --skip-invalid) and ties are dropped) — TRL's CPO trainer's names and meanings.
+metrics above, ``weight``, the DPO family's ``ref_logps/chosen``, ``ref_logps/rejected``, and
+``row``: the pair's 0-based row in the source, since invalid rows (with --skip-invalid) and ties
+are dropped) -- the names and meanings of the objective's TRL trainer.
 """
 
 from __future__ import annotations
@@ -26,12 +28,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_simpo import checkpointing, defaults, parallel
-from megatron_simpo.batch_loss import PAIR_KEYS as PER_PAIR_KEYS
-from megatron_simpo.batch_loss import SCORED_KEYS, loss_kwargs, summarize_totals
+from megatron_simpo.batch_loss import (
+    REFERENCE_KEYS,
+    mean_logps,
+    objective_per_pair,
+    pair_keys,
+    scored_keys,
+    summarize_totals,
+)
 from megatron_simpo.config import LossConfig, RunConfig
 from megatron_simpo.data import Pair, collate, pairs_for, prepare_for_run
 from megatron_simpo.data.packing import collate_packed, pack_rows, row_width
-from megatron_simpo.loss import simpo_loss
 from megatron_simpo.model import build_model
 from megatron_simpo.progress import progress
 from megatron_simpo.step import run_forward_backward
@@ -80,6 +87,7 @@ def score_pairs(
     mbs = cfg.train.micro_batch_size
     pad = p.tensor_model_parallel_size if p.sequence_parallel else 1
     rows: list[dict[str, float]] = []
+    keys = pair_keys(cfg.loss)
     for chunk in model:
         chunk.eval()
     # The interleaved (virtual pipeline) schedule needs at least PP micro-batches per call:
@@ -103,10 +111,7 @@ def score_pairs(
             )
             for r in reports[: len(chunks)]:
                 pp_ = r["per_pair"]
-                rows += [
-                    {k: float(pp_[k][j]) for k in PER_PAIR_KEYS}
-                    for j in range(pp_["loss"].shape[0])
-                ]
+                rows += [{k: float(pp_[k][j]) for k in keys} for j in range(pp_["loss"].shape[0])]
     for chunk in model:
         chunk.train()
     if not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
@@ -124,19 +129,17 @@ def summarize(rows: list[dict], loss_cfg: LossConfig) -> dict:
     """The metrics of the scored pairs as one batch (the training step's definitions):
     ``loss`` and ``nll_loss`` are the objective and its NLL term over all rows (weighted mean,
     ``--sft-reduction``; recomputed in float64 from the per-pair log-probs by the same
-    ``simpo_loss``), the other metrics are means over the pairs of positive weight; plus
-    ``num_pairs``."""
-    col = {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in PER_PAIR_KEYS}
-    out = simpo_loss(
-        col["logps/chosen"],
-        col["logps/rejected"],
-        **loss_kwargs(loss_cfg),
-        weights=col["weight"],
-        chosen_tokens=col["length/chosen"],
-    )
+    ``batch_loss.objective_per_pair``), the other metrics are means over the pairs of positive
+    weight; plus ``num_pairs``."""
+    col = {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in pair_keys(loss_cfg)}
+    suffix = "_sum" if mean_logps(loss_cfg) else ""
+    sums = torch.cat([col[f"logps/chosen{suffix}"], col[f"logps/rejected{suffix}"]])
+    counts = torch.cat([col["length/chosen"], col["length/rejected"]])
+    ref = torch.cat([col[k] for k in REFERENCE_KEYS]) if loss_cfg.needs_reference else None
+    out, _ = objective_per_pair(loss_cfg, sums, counts, col["weight"], ref=ref)
     totals = {"loss": out.losses.sum().item(), "nll_loss": out.nll.sum().item()}
     scored = col["weight"] > 0
-    totals.update({k: col[k][scored].sum().item() for k in SCORED_KEYS})
+    totals.update({k: col[k][scored].sum().item() for k in scored_keys(loss_cfg)})
     totals.update(pairs=len(rows), scored_pairs=int(scored.sum()))
     result = summarize_totals(totals)
     result["num_pairs"] = result.pop("pairs")

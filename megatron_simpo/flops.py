@@ -10,12 +10,15 @@ For one sequence of ``s`` tokens, with hidden size ``h``, ``L`` layers, ``a`` qu
     matmul params per layer  P = h*a*d (query) + 2*h*g*d (key, value) + a*d*h (output)
                                  + 3*h*f (gate, up, down)
     forward                  F = 2*s*(L*P + h*V)            (2 * params * tokens)
-                               + L * 2 * (2 * s^2 * a*d)    (scores Q K^T and context A V)
+                               + L * 2 * (2 * s^2/2 * a*d)  (scores Q K^T and context A V)
     training                 3 * F                          (forward + backward = 2x forward)
 
-The attention terms count the **full** ``s x s`` square, as Megatron-LM's formula does and as the
-unfused (local-spec) attention computes it; a causal flash kernel does about half of that work,
-so pass ``causal=True`` for that accounting. QKV biases (Qwen2) are additions and are not
+The attention terms count **half** the ``s x s`` square: a causal model's useful work (a query
+attends to itself and the keys before it), the way Megatron-LM counts causal self-attention in
+its MFU (``num_floating_point_operations``: the core-attention term at ``seq_length / 2``) and
+what a causal flash kernel does. So ``mfu`` here is comparable with Megatron-LM's. The unfused
+(local-spec) attention computes the full square, masked half included; ``causal=False`` counts
+that (the torch FLOP counter test compares it exactly). QKV biases (Qwen2) are additions and are not
 counted. SimPO has no reference model, so there is no extra forward pass. Activation
 recomputation re-runs forwards but does not change *model* FLOPs (MFU counts useful work only).
 
@@ -25,11 +28,12 @@ the per-sequence costs over the model's *input* positions (a sequence of ``n`` t
 is not useful work, so MFU excludes it like it excludes recomputation.
 
 **Prefix sharing** (``--prefix-sharing``) computes the ``q`` shared prompt positions of a pair
-once for both sequences (inputs ``q + c`` and ``q + r``): the dense term counts ``q + c + r``
-tokens, the attention term both sequences' squares less the prompt block computed once,
-``(q + c)^2 + (q + r)^2 - q^2`` (:func:`shared_pair_forward_flops`). Like the square above this
-is model work, not what a masked kernel runs: SDPA / the local attention with an explicit
-packing mask compute the whole ``row x row`` square of a packed row, masked entries included.
+once for both sequences (inputs ``q + c`` and ``q + r``), and they are counted once: the dense
+term counts ``q + c + r`` tokens, the attention term both sequences' squares less the prompt
+block computed once, ``((q + c)^2 + (q + r)^2 - q^2) / 2`` (:func:`shared_pair_forward_flops`).
+Like the half square above this is model work, not what a masked kernel runs: SDPA / the local
+attention with an explicit packing mask compute the whole ``row x row`` square of a packed row,
+masked entries included.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def matmul_params(model: ModelConfig) -> int:
     return model.num_hidden_layers * per_layer + h * model.padded_vocab_size()
 
 
-def forward_flops(model: ModelConfig, seq_len: int, causal: bool = False) -> int:
+def forward_flops(model: ModelConfig, seq_len: int, causal: bool = True) -> int:
     """Forward FLOPs of one sequence of ``seq_len`` tokens (see the module docstring)."""
     s = int(seq_len)
     dense = 2 * s * matmul_params(model)
@@ -77,7 +81,7 @@ def forward_flops(model: ModelConfig, seq_len: int, causal: bool = False) -> int
 
 
 def shared_pair_forward_flops(
-    model: ModelConfig, prefix: int, chosen: int, rejected: int, causal: bool = False
+    model: ModelConfig, prefix: int, chosen: int, rejected: int, causal: bool = True
 ) -> int:
     """Forward FLOPs of one pair whose two sequences share ``prefix`` input positions
     (``chosen`` / ``rejected``: their other input positions); see the module docstring.
@@ -92,7 +96,7 @@ def shared_pair_forward_flops(
     return dense + attention
 
 
-def training_flops(model: ModelConfig, seq_lens: Iterable[int], causal: bool = False) -> int:
+def training_flops(model: ModelConfig, seq_lens: Iterable[int], causal: bool = True) -> int:
     """Model FLOPs of one training iteration: 3x the forward FLOPs of every sequence.
 
     Args:
@@ -100,7 +104,8 @@ def training_flops(model: ModelConfig, seq_lens: Iterable[int], causal: bool = F
         seq_lens: input positions (without padding) of each sequence of the iteration, over all
             micro-batches and data-parallel ranks (a pair contributes two sequences:
             prompt+chosen and prompt+rejected).
-        causal: count half of the attention square (causal kernels) instead of all of it.
+        causal: count half of the attention square (the default: Megatron-LM's causal
+            accounting) instead of all of it (what unfused attention computes).
     """
     return 3 * sum(forward_flops(model, s, causal) for s in seq_lens)
 
@@ -110,7 +115,7 @@ def pairs_training_flops(
     chosen_inputs: Iterable[int],
     rejected_inputs: Iterable[int],
     shared_prefix: Iterable[int],
-    causal: bool = False,
+    causal: bool = True,
 ) -> int:
     """Model FLOPs of one training iteration from its pairs: 3x the forward FLOPs of each.
 

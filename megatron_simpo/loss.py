@@ -498,33 +498,48 @@ def cpo_loss(
     *,
     beta: float,
     cpo_alpha: float = 1.0,
+    loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     sft_reduction: SFTReduction = "token",
     weights: torch.Tensor | None = None,
     totals: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
-    """CPO (Xu et al., 2024, eq. 3; TRL's ``CPOTrainer`` with ``loss_type="sigmoid"``), reference
-    free, on *summed* log-probs, plus ``cpo_alpha`` times the NLL of the chosen responses:
+    """CPO (Xu et al., 2024, eq. 3; TRL's ``CPOTrainer``), reference free, plus ``cpo_alpha``
+    times the NLL of the chosen responses, ``L = sum_i w_i l_i / sum_i w_i + cpo_alpha * NLL``:
 
-        l = -(1 - eps) log sigmoid(beta (c - r)) - eps log sigmoid(-beta (c - r))
-        L = sum_i w_i l_i / sum_i w_i + cpo_alpha * NLL
+        sigmoid: z = c - r;          l = -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)
+        hinge:   z = c - r;          l = relu(1 - beta z)
+        ipo:     z = c / n_c - r / n_r;   l = (z - 1 / (2 beta))^2
 
-    Rewards: ``beta c``, ``beta r``.
+    (TRL's ``loss_type``; its ``ipo`` scores mean log-probs, the others summed ones). Rewards:
+    ``beta c``, ``beta r`` (``ipo``: ``beta c / n_c``, ``beta r / n_r``).
 
     Args:
         logps: :class:`PairLogps` (reference log-probs unused).
         beta: temperature of the preference term.
         cpo_alpha: weight of the NLL term (TRL's default 1).
-        label_smoothing: ``eps`` in [0, 0.5).
+        loss_type: ``"sigmoid"``, ``"hinge"`` or ``"ipo"``.
+        label_smoothing: ``eps`` in [0, 0.5) (sigmoid only).
         sft_reduction, weights, totals: as in :func:`weighted_contributions` (``"token"`` is
             TRL's cross-entropy over all chosen tokens).
     """
-    losses = conservative_sigmoid_loss(beta * (logps.chosen - logps.rejected), label_smoothing)
+    if loss_type not in ("sigmoid", "hinge", "ipo"):
+        raise ValueError(f"unknown CPO loss_type {loss_type!r}; expected sigmoid, hinge or ipo")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError("label_smoothing applies to the sigmoid loss only")
+    c, r = logps.chosen, logps.rejected
+    if loss_type == "ipo":
+        c, r = c / logps.chosen_tokens.to(c.dtype), r / logps.rejected_tokens.to(r.dtype)
+        losses = (c - r - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - beta * (c - r))
+    else:
+        losses = conservative_sigmoid_loss(beta * (c - r), label_smoothing)
     return _output(
         losses,
         logps,
-        beta * logps.chosen,
-        beta * logps.rejected,
+        beta * c,
+        beta * r,
         nll_weight=cpo_alpha,
         sft_reduction=sft_reduction,
         weights=weights,
@@ -536,6 +551,7 @@ def orpo_loss(
     logps: PairLogps,
     *,
     beta: float,
+    orpo_alpha: float = 1.0,
     sft_reduction: SFTReduction = "token",
     weights: torch.Tensor | None = None,
     totals: torch.Tensor | None = None,
@@ -544,7 +560,7 @@ def orpo_loss(
     log-probs ``m_c = c / n_c``, ``m_r = r / n_r``:
 
         log_odds = (m_c - m_r) - (log(1 - exp(m_c)) - log(1 - exp(m_r)))
-        l = -beta log sigmoid(log_odds);   L = NLL + sum_i w_i l_i / sum_i w_i
+        l = -beta log sigmoid(log_odds);   L = orpo_alpha * NLL + sum_i w_i l_i / sum_i w_i
 
     ``beta`` is the paper's ``lambda`` (TRL's name for it). ``log_odds`` is 0 when ``m_c = m_r``
     (then ``l = beta log 2``). Rewards: ``beta m_c``, ``beta m_r``. Extra metrics per pair:
@@ -555,6 +571,7 @@ def orpo_loss(
     Args:
         logps: :class:`PairLogps` (reference log-probs unused).
         beta: weight of the odds-ratio term.
+        orpo_alpha: weight of the NLL term (TRL: 1).
         sft_reduction, weights, totals: as in :func:`weighted_contributions`.
     """
     dtype = logps.chosen.dtype
@@ -567,7 +584,7 @@ def orpo_loss(
         logps,
         beta * mean_c,
         beta * mean_r,
-        nll_weight=1.0,
+        nll_weight=orpo_alpha,
         sft_reduction=sft_reduction,
         weights=weights,
         totals=totals,

@@ -1,13 +1,20 @@
 """Run metrics: a console line, TensorBoard scalars and ``metrics.jsonl`` (same keys).
 
-Names follow TRL's CPO/SimPO trainer so curves compare: ``loss`` (the global-batch objective,
-``megatron_simpo/loss.py``: weighted mean plus ``--sft-weight`` x ``nll_loss``), ``nll_loss``
-(NLL of the chosen responses, ``--sft-reduction``; TRL's ``nll_loss`` with ``token`` and unit
-weights), and, as means over the pairs of positive weight: ``rewards/chosen``,
-``rewards/rejected``, ``rewards/margins`` (chosen minus rejected reward, without gamma),
+Names follow the TRL trainer of the objective (``--loss``) so curves compare: ``loss`` (the
+global-batch objective, ``megatron_simpo/loss.py``: weighted mean plus the NLL weight --
+``--sft-weight``, ``--cpo-alpha`` or ``--orpo-alpha`` -- x ``nll_loss``), ``nll_loss`` (NLL of the
+chosen responses, ``--sft-reduction``; TRL's ``nll_loss`` with ``token`` and unit weights), and,
+as means over the pairs of positive weight: ``rewards/chosen``, ``rewards/rejected`` (the
+objective's implicit rewards as TRL defines them: SimPO ``beta`` x mean log-prob, DPO family
+``beta (logp - ref_logp)`` summed, CPO ``beta`` x summed log-prob (ipo: mean), ORPO ``beta`` x
+mean log-prob), ``rewards/margins`` (chosen minus rejected reward, without gamma),
 ``rewards/accuracies`` (fraction of pairs with chosen reward > rejected), ``logps/chosen``,
-``logps/rejected`` (mean log-prob per response token), ``length/chosen``, ``length/rejected``
-(mean response tokens). Also: ``lr``, ``grad_norm``, ``pairs`` (pairs in the iteration),
+``logps/rejected`` (as TRL logs them: the mean log-prob per response token for simpo, orpo and
+cpo's ipo, the summed log-prob for the DPO family and cpo; the other one is
+``logps/chosen_sum`` / ``logps/chosen_mean``, ``logps/rejected_*`` alike), ORPO's
+``log_odds_ratio`` (log sigmoid of the log odds ratio) and ``log_odds_chosen`` (the log odds
+ratio of chosen over rejected), ``length/chosen``, ``length/rejected`` (mean response tokens).
+Also: ``lr``, ``grad_norm``, ``pairs`` (pairs in the iteration),
 ``tokens`` (non-padding tokens computed: each sequence's prompt + response, a prefix-shared
 prompt once less its last token), ``tokens_effective`` (chosen and rejected each counted with
 their prompt, as the padded layout computes them), ``iteration_time`` (s), ``tokens_per_sec``,
@@ -18,8 +25,8 @@ gradient), ``update_ok`` (1, or 0 for a skipped update), ``memory/peak_gib`` (wo
 allocated CUDA memory on GPU, peak RSS on CPU), ``model_flops`` (of the iteration, what is
 computed, see ``flops.py``), ``tflops_per_gpu`` and ``mfu`` (when the peak is known:
 ``--peak-tflops`` or a detected A100/H100/H200), ``loss_scale`` (fp16: the dynamic loss
-scale of the next iteration). With a held-out set, every ``--eval-interval``: the same SimPO
-metrics with an ``eval/`` prefix and ``eval/num_pairs``; every ``--gen-interval``: the
+scale of the next iteration). With a held-out set, every ``--eval-interval``: the same
+objective metrics with an ``eval/`` prefix and ``eval/num_pairs``; every ``--gen-interval``: the
 generation probe's ``gen/`` metrics (texts go to TensorBoard text ``gen/texts``). Drift alarms
 go to the log and to TensorBoard text ``alarms``; the config is TensorBoard text ``config``.
 """

@@ -39,6 +39,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from megatron_simpo import parallel
 from megatron_simpo.attention import SDPAttention, resolve_attention_backend
 from megatron_simpo.config import RunConfig
 from megatron_simpo.fused_logprobs import HiddenStatesGPTModel
@@ -171,6 +172,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = model_dtype(cfg)
     cuda = torch.cuda.is_available()
+    variable = parallel.variable_seq_lengths(cfg)
     fusions = fusion_flags(available_kernels(), explicit_mask=t.pack_pairs or t.prefix_sharing)
     return TransformerConfig(
         num_layers=m.num_hidden_layers,
@@ -202,6 +204,12 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         **fusions,
         # gloo: batched p2p gives wrong interleaved-pipeline results (measured); NCCL is fine.
         batch_p2p_comm=cuda,
+        # Stages send each micro-batch's shape first: micro-batches padded to their own length
+        # (megatron_simpo/data/batching.py), not all to the longest of the slice.
+        variable_seq_lengths=variable,
+        # Inert without experts, but Megatron-Core refuses variable_seq_lengths next to its
+        # default MoE dispatcher ("allgather") even in a dense model.
+        **({"moe_token_dispatcher_type": "alltoall"} if variable else {}),
         use_cpu_initialization=not cuda,
         recompute_granularity=t.recompute_granularity,
         recompute_method=t.recompute_method,
@@ -317,13 +325,22 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
 
 
 def wrap_ddp(chunks: list[GPTModel], cfg: RunConfig) -> list[DistributedDataParallel]:
-    """Wraps chunks in Megatron-Core DDP (fp32 gradient buffers, optional distributed optimizer)."""
+    """Wraps chunks in Megatron-Core DDP (fp32 gradient buffers, optional distributed optimizer).
+
+    With the distributed optimizer, gradient reduce-scatters and parameter all-gathers overlap
+    compute (``--overlap-grad-reduce`` / ``--overlap-param-gather``, on by default), wired as
+    Megatron-LM does: the schedule's ``no_sync_func`` holds the reduction back until the last
+    micro-batch, and the gathered parameters are waited for by forward pre-hooks
+    (:func:`sync_params` completes them before the weights are read outside a forward).
+    """
+    p = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_grad_reduce=p.use_distributed_optimizer and p.overlap_grad_reduce,
+        overlap_param_gather=p.use_distributed_optimizer and p.overlap_param_gather,
+        use_distributed_optimizer=p.use_distributed_optimizer,
     )
-    return [
+    model = [
         DistributedDataParallel(
             config=chunk.config,
             ddp_config=ddp_config,
@@ -333,6 +350,20 @@ def wrap_ddp(chunks: list[GPTModel], cfg: RunConfig) -> list[DistributedDataPara
         )
         for i, chunk in enumerate(chunks)
     ]
+    if ddp_config.overlap_grad_reduce:
+        no_sync = [m.no_sync for m in model]
+        for chunk in chunks:
+            chunk.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return model
+
+
+def sync_params(model: list) -> None:
+    """Completes the parameter all-gather that ``--overlap-param-gather`` defers to the next
+    forward, so every chunk holds the updated weights (before a checkpoint or export reads
+    them); a no-op otherwise. Collective over the data-parallel group."""
+    for chunk in model:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -72,3 +72,34 @@ def init_model_parallel_for(cfg) -> None:
         seed=cfg.train.seed,
         timeout_minutes=p.distributed_timeout_minutes,
     )
+
+
+_EXPLAINED: set[str] = set()
+
+
+def variable_seq_lengths(cfg) -> bool:
+    """Whether pipeline stages exchange each micro-batch's shape before its activations
+    (Megatron-Core's ``variable_seq_lengths``), so micro-batches need not share one width.
+
+    ``--variable-seq-lengths`` under pipeline parallelism, except the interleaved schedule on
+    gloo, which keeps fixed shapes (said once on rank 0): at PP=2 a stage sends its activation
+    and its gradient to the same peer in one exchange, and Megatron-Core's shape exchange (always
+    batched) posts them in an order that crosses the two shapes on gloo (measured: "Received data
+    size doesn't match expected size"), while its data exchange, unbatched on gloo, orders them by
+    rank parity. On NCCL the shapes go in the same batched order as the data, so they are exactly
+    as right as Megatron's own data path.
+    """
+    p = cfg.parallel
+    if p.pipeline_model_parallel_size == 1 or not p.variable_seq_lengths:
+        return False
+    if cfg.virtual_pipeline_size and not torch.cuda.is_available():
+        reason = (
+            "fixed pipeline shapes: the interleaved schedule on gloo crosses Megatron-Core's "
+            "shape exchange (megatron_simpo/parallel.py); every micro-batch is padded to the "
+            "longest of the slice"
+        )
+        if reason not in _EXPLAINED and (not dist.is_initialized() or dist.get_rank() == 0):
+            print(reason, flush=True)
+        _EXPLAINED.add(reason)
+        return False
+    return True

@@ -20,12 +20,27 @@ from pathlib import Path
 from megatron_simpo.errors import DataError
 
 #: (panel title, [(metric key, line label)], y-axis label); eval/ variants are added when present.
+#: A key ``"a|b"`` draws ``a`` where the run logged it, else ``b`` (the per-token log-prob is
+#: ``logps/chosen_mean`` for the objectives whose ``logps/chosen`` is summed, as in TRL).
 PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
-    ("SimPO loss", [("loss", "")], "loss"),
+    ("loss (objective)", [("loss", "")], "loss"),
     ("rewards", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")], "reward"),
     ("reward margin (chosen - rejected)", [("rewards/margins", "")], "margin"),
     ("preference accuracy", [("rewards/accuracies", "")], "accuracy"),
-    ("log-prob per token", [("logps/chosen", "chosen"), ("logps/rejected", "rejected")], "nats"),
+    (
+        "log-prob per token",
+        [
+            ("logps/chosen_mean|logps/chosen", "chosen"),
+            ("logps/rejected_mean|logps/rejected", "rejected"),
+        ],
+        "nats",
+    ),
+    ("NLL of chosen responses", [("nll_loss", "")], "nats"),
+    (
+        "ORPO log odds",
+        [("log_odds_chosen", "log_odds_chosen"), ("log_odds_ratio", "log_odds_ratio")],
+        "log odds",
+    ),
     (
         "response length",
         [("length/chosen", "chosen"), ("length/rejected", "rejected")],
@@ -100,6 +115,13 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
     return run
 
 
+def series_key(run: Run, spec: str) -> str:
+    """The metric a panel's ``"a|b"`` spec draws for ``run``: the first alternative logged
+    (train or eval), else the last."""
+    options = spec.split("|")
+    return next((k for k in options if k in run.series or "eval/" + k in run.series), options[-1])
+
+
 def ema(values: list[float], weight: float) -> list[float]:
     """TensorBoard-style exponential smoothing (``weight`` 0 = none, 0.99 = heavy), debiased so
     the first points are not pulled towards zero."""
@@ -146,7 +168,8 @@ def plot_runs(
     for ax, (panel_title, keys, ylabel) in zip(axes.flat, PANELS):
         drew = False
         for r_i, run in enumerate(runs):
-            for s_i, (key, name) in enumerate(keys):
+            for s_i, (spec, name) in enumerate(keys):
+                key = series_key(run, spec)
                 style = _SERIES_STYLES[s_i % len(_SERIES_STYLES)]
                 # One run: a colour per series (chosen, rejected); several: a colour per run.
                 color = colors[(s_i if len(runs) == 1 else r_i) % len(colors)]

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_simpo import batch_loss
@@ -98,17 +97,20 @@ def train_step(
     reports = run_forward_backward(model, micro_batches, seq_len, loss_cfg, vocab_size)
     if after_backward is not None:
         after_backward()
-    metrics = reduce_reports(reports)
+    metrics = reduce_reports(reports, loss_cfg)
     lr = optimizer.param_groups[0]["lr"]
     update_ok, grad_norm = False, None
     # A non-finite loss or gradient must never reach the weights (or Adam's moments): skip the
     # update. Megatron-Core's own check covers only fp16 loss scaling; there the optimizer must
     # see the overflow itself (it skips the update and lowers the loss scale).
     scaled = uses_loss_scaling(optimizer)
-    if math.isfinite(metrics["loss"]) and (scaled or grads_are_finite(model)):
-        update_ok, grad_norm, _ = optimizer.step()
-        if update_ok:
-            scheduler.step(increment=1)
+    if scaled:
+        if math.isfinite(metrics["loss"]):
+            update_ok, grad_norm, _ = optimizer.step()
+    else:
+        update_ok, grad_norm = step_unless_non_finite(optimizer, math.isfinite(metrics["loss"]))
+    if update_ok:
+        scheduler.step(increment=1)
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["lr"] = lr
     metrics["update_ok"] = float(bool(update_ok))
@@ -124,21 +126,32 @@ def uses_loss_scaling(optimizer) -> bool:
     return any(getattr(p, "grad_scaler", None) is not None for p in parts)
 
 
-def grads_are_finite(model: list) -> bool:
-    """Whether every rank's gradient buffers are free of inf/NaN (collective over the world:
-    each rank holds other shards). Reads the DDP grad buffers, one pass over the gradients."""
-    ok = True
-    for chunk in model:
-        buffers = [*getattr(chunk, "buffers", []), *getattr(chunk, "expert_parallel_buffers", [])]
-        if buffers:
-            grads = [b.grad_data for b in buffers]
-        else:
-            grads = [
-                g for p in chunk.parameters() if (g := getattr(p, "main_grad", None)) is not None
-            ]
-        ok = ok and all(bool(torch.isfinite(g).all()) for g in grads)
-    flag = torch.tensor([0.0 if ok else 1.0])
-    if torch.cuda.is_available():
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return not bool(flag.item())
+def step_unless_non_finite(optimizer, loss_finite: bool) -> tuple[bool, float]:
+    """Megatron's ``optimizer.step()`` (a ``ChainedOptimizer``: prepare the gradients, their
+    global norm, clip, update), skipped when the loss or the gradient norm is not finite;
+    returns ``(updated, grad_norm)``.
+
+    The non-finite check is the norm's own reduction (one pass over the gradients and one
+    collective, which the step does anyway): an inf or NaN gradient anywhere makes the global
+    norm inf or NaN on every rank of the gradient-statistics group (the model-parallel group,
+    or the world with the distributed optimizer; data-parallel replicas hold the same reduced
+    gradients), so every rank skips together. Only a finite norm whose square overflows fp32
+    (gradients ~1e19) is also skipped. The norm is computed ahead of ``step()``, inside its
+    ``prepare_grads``, and handed back to it, so the update is exactly Megatron's.
+    """
+    norm: list[float] = []
+    prepare, get_norm = optimizer.prepare_grads, optimizer.get_grad_norm
+
+    def prepare_then_check() -> bool:  # True: "found inf", step() returns without updating
+        if prepare():
+            return True
+        norm.append(float(get_norm()))
+        return not (loss_finite and math.isfinite(norm[0]))
+
+    optimizer.prepare_grads = prepare_then_check
+    optimizer.get_grad_norm = lambda: norm[0]
+    try:
+        update_ok, _, _ = optimizer.step()
+    finally:  # back to the class's methods
+        del optimizer.prepare_grads, optimizer.get_grad_norm
+    return bool(update_ok), norm[0] if norm else float("nan")

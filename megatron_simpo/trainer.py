@@ -18,6 +18,7 @@ from megatron_simpo import checkpointing, defaults, flops, parallel, report, run
 from megatron_simpo.alarms import DriftMonitor
 from megatron_simpo.config import RunConfig
 from megatron_simpo.data import PairBatcher, Subset, pairs_for, split_heldout
+from megatron_simpo.data.batching import padding_for
 from megatron_simpo.errors import TrainingError
 from megatron_simpo.metrics import MetricsWriter, console_line, eval_line
 from megatron_simpo.model import build_model, model_dtype, wrap_ddp
@@ -69,8 +70,7 @@ class Trainer:
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
             seed=cfg.train.seed,
-            pad_multiple=p.tensor_model_parallel_size if p.sequence_parallel else 1,
-            uniform_length=p.pipeline_model_parallel_size > 1,
+            **padding_for(p, parallel.variable_seq_lengths(cfg)),
             pack_pairs=cfg.train.pack_pairs,
             prefix_sharing=cfg.train.prefix_sharing,
             capacity=cfg.train.seq_length,

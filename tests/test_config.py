@@ -183,6 +183,60 @@ def test_sft_reduction_flag():
     assert parse(["--sft-reduction", "pair"]).loss.sft_reduction == "pair"
 
 
+def test_loss_flag_selects_the_objective_and_its_defaults():
+    assert RunConfig().loss.objective == "simpo" and RunConfig().loss.resolved_beta == 2.0
+    lo = parse(["--loss", "dpo"]).loss
+    assert (lo.objective, lo.resolved_beta, lo.needs_reference) == ("dpo", 0.1, True)  # TRL's
+    assert parse(["--objective", "orpo"]).loss.objective == "orpo"  # the field's own spelling
+    lo = parse(["--loss", "cpo", "--loss-type", "ipo", "--cpo-alpha", "0.5", "--beta", "3"]).loss
+    assert (lo.loss_type, lo.nll_weight, lo.resolved_beta) == ("ipo", 0.5, 3.0)
+    assert parse(["--loss", "cpo"]).loss.nll_weight == 1.0  # TRL's default cpo_alpha
+    assert parse(["--loss", "orpo"]).loss.nll_weight == 1.0  # TRL's fixed NLL weight
+    assert parse(["--loss", "simpo", "--loss-type", "hinge"]).loss.loss_type == "hinge"
+    assert parse(["--sft-weight", "0.3"]).loss.nll_weight == 0.3
+    with pytest.raises(SystemExit):  # argparse names the choices
+        parse(["--loss", "kto"])
+
+
+@pytest.mark.parametrize(
+    "loss,flag",
+    [
+        ({"objective": "dpo", "loss_type": "hinge"}, "--loss-type hinge does not apply to --loss"),
+        ({"objective": "orpo", "loss_type": "ipo"}, "--loss-type ipo"),
+        ({"objective": "simpo", "loss_type": "ipo"}, "--loss-type ipo"),
+        ({"objective": "ipo", "label_smoothing": 0.1}, "--label-smoothing"),
+        ({"objective": "dpo-hinge", "label_smoothing": 0.1}, "--label-smoothing"),
+        ({"objective": "orpo", "label_smoothing": 0.1}, "--label-smoothing"),
+        ({"objective": "cpo", "loss_type": "hinge", "label_smoothing": 0.1}, "--label-smoothing"),
+        ({"objective": "dpo", "simpo_gamma": 1.0}, "--simpo-gamma"),
+        ({"objective": "cpo", "gamma_beta_ratio": 0.5}, "--gamma-beta-ratio"),
+        ({"objective": "cpo", "sft_weight": 0.5}, "--sft-weight"),
+        ({"objective": "dpo", "cpo_alpha": 0.5}, "--cpo-alpha"),
+        ({"objective": "simpo", "orpo_alpha": 0.5}, "--orpo-alpha"),
+        ({"objective": "cpo", "cpo_alpha": -1.0}, "--cpo-alpha"),
+        ({"objective": "orpo", "beta": -0.1}, "--beta"),
+    ],
+)
+def test_impossible_loss_combinations_name_the_flag(loss, flag):
+    with pytest.raises(ConfigError, match=re.escape(flag)):
+        valid(loss=loss).validate(world_size=1)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {"objective": "dpo", "label_smoothing": 0.1, "sft_weight": 0.2},
+        {"objective": "dpo-norm", "label_smoothing": 0.1},
+        {"objective": "cpo", "label_smoothing": 0.1, "cpo_alpha": 0.0},
+        {"objective": "cpo", "loss_type": "hinge"},
+        {"objective": "orpo", "orpo_alpha": 0.5, "beta": 0.2},
+        {"objective": "simpo", "loss_type": "hinge", "simpo_gamma": 1.0},
+    ],
+)
+def test_possible_loss_combinations_pass(loss):
+    valid(loss=loss).validate(world_size=1)
+
+
 def test_yaml_unknown_key_names_file_and_key(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  trian_iters: 3\n")

@@ -19,7 +19,7 @@ DATA = str(REPO / "examples/tiny_pretok.jsonl")
 TINY = ["--config", "examples/tiny_pretok.yaml", "--precision", "fp32"]
 
 
-def _nonfinite_worker(rank: int, world: int) -> None:
+def _nonfinite_worker(rank: int, world: int, distopt: bool) -> None:
     from layouts import config_dict
 
     from megatron_simpo import parallel
@@ -29,7 +29,9 @@ def _nonfinite_worker(rank: int, world: int) -> None:
 
     parallel.init_distributed()  # the CPU compatibility layer (the group already exists)
     raw = config_dict("tp1", DATA, None)
-    raw["parallel"] = {}
+    raw["parallel"] = {"use_distributed_optimizer": distopt}
+    if distopt:  # the check is the gradient norm's reduction, computed without clipping too
+        raw["optim"]["clip_grad"] = 0.0
     raw["train"]["max_skipped_iters"] = 3
     raw["train"]["train_iters"] = 20
     trainer = Trainer(RunConfig.from_dict(raw))
@@ -63,9 +65,10 @@ def _nonfinite_worker(rank: int, world: int) -> None:
     parallel.destroy_model_parallel()
 
 
-def test_nonfinite_updates_are_skipped_counted_and_abort():
+@pytest.mark.parametrize("distopt", [False, True], ids=["adam", "distopt-noclip"])
+def test_nonfinite_updates_are_skipped_counted_and_abort(distopt):
     sys.path.insert(0, str(REPO / "tests/distributed"))
-    run_gloo(1, _nonfinite_worker)
+    run_gloo(1, _nonfinite_worker, distopt)
 
 
 def _agents(port: int, args: list[str], logs: Path) -> list[subprocess.Popen]:

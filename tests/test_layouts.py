@@ -54,7 +54,7 @@ def matrix(tmp_path_factory) -> dict:
     )
     assert res.returncode == 0, res.stderr[-4000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
-    for ref in ("tp1", "tp1_tied"):
+    for ref in ("tp1", "tp1_tied", "tp1_dpo", "tp1_orpo"):
         result[ref] = json.loads((out / ref / "metrics.json").read_text())
     (REPO / ".pytest_cache").mkdir(exist_ok=True)
     (REPO / ".pytest_cache/layout_matrix.json").write_text(json.dumps(result, indent=1))
@@ -80,7 +80,7 @@ def test_layout_matches_single_process(matrix, name):
     assert r["weights"] <= WEIGHTS_RTOL
 
 
-@pytest.mark.parametrize("ref", ["tp1", "tp1_tied"])
+@pytest.mark.parametrize("ref", ["tp1", "tp1_tied", "tp1_dpo", "tp1_orpo"])
 def test_reference_gradient_is_the_gradient_of_the_reported_loss(matrix, ref):
     # Central difference along g/|g| with step 1e-3 in fp32: truncation O(eps^2 * curvature)
     # ~1e-6, rounding ~1e-7 * loss / eps ~ 2e-4 absolute on a slope of ~5; 1% relative leaves
@@ -92,7 +92,10 @@ def test_reference_gradient_is_the_gradient_of_the_reported_loss(matrix, ref):
 
 def test_matrix_covers_required_layouts():
     required = {"tp2", "pp2", "tp2_pp2", "tp2_dp2_sp_distopt", "pp2_vpp2", "dp4"}
+    required |= {"tp2_pp2_dpo", "tp2_dp2_orpo"}  # other objectives (issue 14)
+    required |= {"pp2_fixed", "pp2_varlen"}  # variable shapes between stages (issue 13)
     assert required <= set(COMPARED)
+    assert LAYOUTS["pp2_varlen"].ref == "pp2_fixed"  # variable shapes against today's path
     sp = LAYOUTS["tp2_dp2_sp_distopt"].parallel
     assert sp["sequence_parallel"] and sp["use_distributed_optimizer"]
     bf16 = {"tp1_bf16", "tp2_bf16", "pp2_bf16", "tp2_pp2_bf16", "tp2_dp2_sp_distopt_bf16"}
@@ -197,3 +200,43 @@ def test_varied_data_has_what_the_matrix_must_compare(tmp_path):
             assert [mb["tokens"].shape[1] for mb in sp] == [w + w % 2 for w in widths]
             if it == 0:
                 assert len(set(widths)) == 2 and any(w % 2 for w in widths), (rank, widths)
+
+
+def test_pp2_varlen_sends_shapes_that_vary():
+    """``pp2_varlen`` really runs micro-batches of different widths through the pipeline (each
+    one pair, padded to its own longest rounded to 4), ``pp2_fixed`` one width per slice."""
+    from layouts import config_dict
+
+    from megatron_simpo import parallel
+    from megatron_simpo.config import RunConfig
+    from megatron_simpo.data import Pair, PairBatcher
+    from megatron_simpo.data.batching import padding_for
+
+    rows = [json.loads(x) for x in DATA.read_text().splitlines()]
+    pairs = [
+        Pair(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]), r["weight"])
+        for r in rows
+    ]
+    widths = {}
+    for name in ("pp2_varlen", "pp2_fixed"):
+        cfg = RunConfig.from_dict(config_dict(name, str(DATA), None))
+        variable = parallel.variable_seq_lengths(cfg)
+        assert variable == (name == "pp2_varlen")
+        t = cfg.train
+        batcher = PairBatcher(
+            pairs,
+            global_batch_size=t.global_batch_size,
+            micro_batch_size=t.micro_batch_size,
+            dp_rank=0,
+            dp_size=1,
+            seed=t.seed,
+            capacity=t.seq_length,
+            **padding_for(cfg.parallel, variable),
+        )
+        widths[name] = [
+            [mb["tokens"].shape[1] for mb in batcher.micro_batches(it)[0]]
+            for it in range(t.train_iters)
+        ]
+    for var, fixed in zip(widths["pp2_varlen"], widths["pp2_fixed"]):
+        assert len(set(var)) >= 3 and all(w % 4 == 0 for w in var), var
+        assert len(set(fixed)) == 1 and max(var) <= -(-fixed[0] // 4) * 4

@@ -136,18 +136,21 @@ def test_training_flops_equal_torch_flop_counter_on_the_megatron_model(tmp_path)
         # backward of every matmul is 2x its forward (the embedding weight needs the first
         # layer's input gradient), which is where the formula's 3x comes from.
         assert set(counted["ops"]) <= {"aten.mm", "aten.bmm", "aten.baddbmm", "aten.addmm"}
-        assert counted["total"] == training_flops(model_cfg, SEQ_LENS), name
+        full = training_flops(model_cfg, SEQ_LENS, causal=False)  # the whole square
+        assert counted["total"] == full, name
         # and the attention part alone (the only term quadratic in s) agrees too.
         attention = counted["ops"].get("aten.bmm", 0) + counted["ops"].get("aten.baddbmm", 0)
         dense = 3 * 2 * sum(SEQ_LENS) * matmul_params(model_cfg)
-        assert attention == training_flops(model_cfg, SEQ_LENS) - dense > 0
+        assert attention == full - dense > 0
+        # The default (Megatron-LM's causal accounting) counts half of that square.
+        assert 2 * (training_flops(model_cfg, SEQ_LENS) - dense) == attention
         # Prefix sharing: the dense work is that of the prompt once plus both branches, exactly
         # the formula's dense term; the masked kernel computes the whole row x row square, the
         # formula counts the two sequences' squares less the shared prompt block (module
         # docstring of flops.py), which is less than the row square and more than either alone.
         shared = counted["shared"]
         q, c, r = SHARED_INPUTS
-        formula = pairs_training_flops(model_cfg, [q + c], [q + r], [q])
+        formula = pairs_training_flops(model_cfg, [q + c], [q + r], [q], causal=False)
         shared_dense = 3 * 2 * (q + c + r) * matmul_params(model_cfg)
         assert shared["aten.mm"] == shared_dense
         kernel_square = shared["aten.bmm"] + shared["aten.baddbmm"]
@@ -155,7 +158,7 @@ def test_training_flops_equal_torch_flop_counter_on_the_megatron_model(tmp_path)
         per_entry *= model_cfg.head_size
         assert kernel_square == per_entry * (q + c + r) ** 2
         assert formula - shared_dense == per_entry * ((q + c) ** 2 + (q + r) ** 2 - q**2)
-        assert formula < training_flops(model_cfg, [q + c, q + r])  # what the padded path costs
+        assert formula < training_flops(model_cfg, [q + c, q + r], causal=False)  # padded path
 
 
 def test_shared_pair_flops_without_a_prefix_are_two_sequences():
@@ -166,9 +169,11 @@ def test_shared_pair_flops_without_a_prefix_are_two_sequences():
     # * heads * head_dim.
     params = matmul_params(m)
     want = 2 * 16 * params + 2 * 2 * 2 * 200 * 6 * 24
-    assert shared_pair_forward_flops(m, 5, 4, 7) == want
+    assert shared_pair_forward_flops(m, 5, 4, 7, causal=False) == want
+    causal = 2 * 16 * params + 2 * 2 * 2 * 100 * 6 * 24  # half the squares
+    assert shared_pair_forward_flops(m, 5, 4, 7) == causal
     assert pairs_training_flops(m, [9, 7], [12, 3], [5, 0]) == 3 * (
-        want + forward_flops(m, 7) + forward_flops(m, 3)
+        causal + forward_flops(m, 7) + forward_flops(m, 3)
     )
 
 
@@ -214,8 +219,8 @@ def test_flop_formula_terms():
     params = 2 * (96 * 144 + 2 * 96 * 48 + 144 * 96 + 3 * 96 * 160) + 96 * 128
     s = 10
     attention = 2 * 2 * 2 * s * s * 144  # layers * (QK^T + AV) * 2 FLOPs/MAC * s^2 * heads*dim
-    assert forward_flops(m, s) == 2 * s * params + attention
-    assert forward_flops(m, s, causal=True) == 2 * s * params + attention // 2
+    assert forward_flops(m, s, causal=False) == 2 * s * params + attention
+    assert forward_flops(m, s) == 2 * s * params + attention // 2  # causal: Megatron-LM's count
     assert training_flops(m, [s, s]) == 6 * forward_flops(m, s)
 
 
@@ -293,6 +298,17 @@ def test_chosen_logp_drop_alarm():
     assert len(out) == 2 and "displacement" in out[0] and "log-prob drop" in out[1]
 
 
+def test_chosen_logp_drop_alarm_reads_the_per_token_mean_of_summed_objectives():
+    """DPO/CPO log ``logps/chosen`` summed (TRL); the alarm's nats are per token: it must read
+    ``logps/chosen_mean`` (a summed log-prob falling by 5 is 0.05 per token here)."""
+    monitor = DriftMonitor(evals=3, flat_accuracy=0.02, logp_drop=0.5)
+    first = {"logps/chosen": -100.0, "logps/chosen_mean": -1.0}
+    assert not monitor.update(1, first)
+    assert not monitor.update(2, {"logps/chosen": -105.0, "logps/chosen_mean": -1.05})
+    out = monitor.update(3, {"logps/chosen": -105.0, "logps/chosen_mean": -1.6})
+    assert len(out) == 1 and "logps/chosen_mean is -1.6" in out[0]
+
+
 # ---------------------------------------------------------------- plot
 
 
@@ -325,6 +341,24 @@ def write_metrics(path: Path, n: int, seed: int, eval_every: int = 5) -> Path:
     return path
 
 
+def test_plot_draws_the_per_token_logp_of_summed_objectives(tmp_path):
+    """DPO/CPO runs log ``logps/chosen`` summed and ``logps/chosen_mean`` per token: the
+    per-token panel draws the mean; a SimPO run (no ``_mean``) draws ``logps/chosen``."""
+    from megatron_simpo.plot import series_key
+
+    simpo = load_run(write_metrics(tmp_path / "simpo", 3, seed=0))
+    dpo_dir = tmp_path / "dpo"
+    dpo_dir.mkdir()
+    (dpo_dir / "metrics.jsonl").write_text(
+        '{"iteration": 1, "logps/chosen": -90.0, "logps/chosen_mean": -1.1}\n'
+    )
+    dpo = load_run(dpo_dir)
+    spec = "logps/chosen_mean|logps/chosen"
+    assert series_key(simpo, spec) == "logps/chosen"
+    assert series_key(dpo, spec) == "logps/chosen_mean"
+    plot_runs([simpo.path.parent, dpo_dir], tmp_path / "mixed.png")
+
+
 def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
@@ -355,8 +389,8 @@ def test_plot_overlays_runs_into_a_png(tmp_path):
     one = plot_runs([tmp_path / "run_a"], tmp_path / "one.png")
     two = plot_runs([tmp_path / "run_a", b], tmp_path / "out" / "two.png", smooth=0.6)
     for p in (one, two):
-        # 3 x 3 panels of 5.2 x 3.4 inches at 100 dpi
-        assert png_size(p) == (1560, 1020) and p.stat().st_size > 50_000
+        # 4 x 3 panels of 5.2 x 3.4 inches at 100 dpi
+        assert png_size(p) == (1560, 1360) and p.stat().st_size > 50_000
         assert mpimg.imread(p)[..., :3].std() > 0.05  # not a blank canvas
     # the second run adds visible curves
     assert np.abs(mpimg.imread(one) - mpimg.imread(two)).mean() > 1e-3
@@ -460,7 +494,7 @@ def test_tensorboard_events_match_metrics_jsonl(tiny_run):
 
     # The dashboard of the real run renders.
     png = plot_runs([tiny_run.parent], tiny_run.parent / "dash.png")
-    assert png_size(png) == (1560, 1020)
+    assert png_size(png) == (1560, 1360)
 
 
 def test_plot_cli(tmp_path, capsys):
@@ -470,7 +504,35 @@ def test_plot_cli(tmp_path, capsys):
     write_metrics(tmp_path / "b", 12, seed=1)
     fig = tmp_path / "fig.png"
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(fig)]) == 0
-    assert png_size(fig) == (1560, 1020)
+    assert png_size(fig) == (1560, 1360)
     assert main(["plot", str(tmp_path / "nothing"), "--output", str(tmp_path / "f.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("megatron-simpo: error: plot:") and "does not exist" in err
+
+
+def test_mfu_of_llama3_8b_against_a_float64_hand_computation():
+    """Megatron-LM's MFU formula for a causal decoder, written out in float64 for Llama 3 8B
+    (GQA 32/8 heads of 128, SwiGLU 14336, vocab 128256; no padding of the vocabulary): one
+    training iteration of a pair with a shared 700-token prompt and responses of 300 and 500
+    tokens, prompt counted once, attention half the square; 8 GPUs, 12 s, 989 TFLOP/s peak."""
+    from megatron_simpo.config import ModelConfig
+
+    m = ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        make_vocab_size_divisible_by=128,
+    )
+    h, L, f, V, a, g, d = 4096.0, 32.0, 14336.0, 128256.0, 32.0, 8.0, 128.0
+    q, c, r = 700.0 - 1, 300.0, 500.0  # inputs: the prompt's last token is each branch's own
+    per_layer = h * a * d + 2 * h * g * d + a * d * h + 3 * h * f
+    dense = 2 * (q + c + r) * (L * per_layer + h * V)
+    square = ((q + c) ** 2 + (q + r) ** 2 - q**2) / 2  # causal: half, shared block once
+    attention = L * 2 * 2 * square * a * d
+    want = 3 * (dense + attention)
+    got = pairs_training_flops(m, [int(q + c)], [int(q + r)], [int(q)])
+    assert got == pytest.approx(want, rel=1e-12)  # integers vs float64: exact up to rounding
+    assert mfu(got, 12.0, 8, 989.0) == pytest.approx(want / 12.0 / 8 / 989e12, rel=1e-12)

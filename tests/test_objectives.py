@@ -77,14 +77,19 @@ def reference_pair(name: str, p: dict, o: dict) -> tuple[float, float, float, fl
         loss = smoothed(m, eps) if o.get("loss_type", "sigmoid") == "sigmoid" else max(0, 1 - m)
         return loss, beta * mc, beta * mr, o.get("sft_weight", 0.0), {}
     if name == "cpo":
-        return smoothed(beta * (c - r), eps), beta * c, beta * r, o.get("cpo_alpha", 1.0), {}
+        kind, alpha = o.get("loss_type", "sigmoid"), o.get("cpo_alpha", 1.0)
+        if kind == "ipo":  # TRL scores mean log-probs for CPO's ipo
+            mc, mr = c / nc, r / nr
+            return (mc - mr - 1 / (2 * beta)) ** 2, beta * mc, beta * mr, alpha, {}
+        loss = smoothed(beta * (c - r), eps) if kind == "sigmoid" else max(0, 1 - beta * (c - r))
+        return loss, beta * c, beta * r, alpha, {}
     if name == "orpo":
         mc, mr = c / nc, r / nr
         # odds p / (1 - p) of the per-token geometric-mean probability, straight from eq. 4
         pc, pr = math.exp(mc), math.exp(mr)
         log_odds = math.log(pc / (1 - pc)) - math.log(pr / (1 - pr))
         extra = {"log_odds_ratio": logsig(log_odds), "log_odds_chosen": log_odds}
-        return -beta * logsig(log_odds), beta * mc, beta * mr, 1.0, extra
+        return -beta * logsig(log_odds), beta * mc, beta * mr, o.get("orpo_alpha", 1.0), extra
     dc, dr = c - p["c0"], r - p["r0"]
     if name == "dpo":
         loss = smoothed(beta * (dc - dr), eps)
@@ -130,8 +135,11 @@ CASES = [
     ("dpo-hinge", dict(beta=0.1)),
     ("cpo", dict(beta=0.1)),
     ("cpo", dict(beta=0.5, cpo_alpha=0.3, label_smoothing=0.1)),
+    ("cpo", dict(beta=0.2, loss_type="hinge", cpo_alpha=0.5)),
+    ("cpo", dict(beta=0.7, loss_type="ipo")),
     ("orpo", dict(beta=0.1)),
     ("orpo", dict(beta=1.0)),
+    ("orpo", dict(beta=0.3, orpo_alpha=0.4)),
 ]
 
 
@@ -466,24 +474,35 @@ def test_dpo_family_matches_trl(name, trl_type, beta):
     assert float(out.rejected_rewards.mean()) == pytest.approx(rr, rel=1e-12, abs=1e-14)
 
 
-@pytest.mark.parametrize(("beta", "eps", "alpha"), [(0.1, 0.0, 1.0), (0.5, 0.2, 0.3)])
-def test_cpo_matches_trl(beta, eps, alpha):
+@pytest.mark.parametrize(
+    ("beta", "eps", "alpha", "kind"),
+    [
+        (0.1, 0.0, 1.0, "sigmoid"),
+        (0.5, 0.2, 0.3, "sigmoid"),
+        (0.2, 0.0, 0.5, "hinge"),
+        (0.7, 0.0, 1.0, "ipo"),
+    ],
+)
+def test_cpo_matches_trl(beta, eps, alpha, kind):
     pytest.importorskip("trl")
     from trl.experimental.cpo import CPOTrainer
 
     p = make_pairs(32, b=6, ref=False)
     stub = SimpleNamespace(
         alpha=0.0,
-        loss_type="sigmoid",
+        loss_type=kind,
         beta=beta,
         label_smoothing=eps,
         simpo_gamma=0.5,
         accelerator=SimpleNamespace(device="cpu"),
     )
-    losses, rc, rr = CPOTrainer.cpo_loss(stub, p.chosen, p.rejected)
+    # TRL's concatenated_forward averages the log-probs for ipo, sums them otherwise.
+    mean = kind == "ipo"
+    c, r = (p.chosen / p.chosen_tokens, p.rejected / p.rejected_tokens) if mean else p[:2]
+    losses, rc, rr = CPOTrainer.cpo_loss(stub, c, r)
     # TRL: losses.mean() + cpo_alpha * nll, nll the cross-entropy over all chosen tokens.
     trl_loss = losses.mean() + alpha * (-p.chosen.sum() / p.chosen_tokens.sum())
-    out = OBJECTIVES["cpo"](p, beta=beta, cpo_alpha=alpha, label_smoothing=eps)
+    out = OBJECTIVES["cpo"](p, beta=beta, cpo_alpha=alpha, label_smoothing=eps, loss_type=kind)
     # TRL keeps float64 inputs in float64: rounding only.
     torch.testing.assert_close(out.losses.mean(), trl_loss, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(out.chosen_rewards, rc, rtol=RTOL, atol=ATOL)

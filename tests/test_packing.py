@@ -191,8 +191,10 @@ def magnitude(values: dict, key: str) -> float:
 def _run(trainer, mode: str, mbs: int, pairs: list[Pair]):
     from megatron.core import parallel_state as ps
 
+    from megatron_simpo import parallel
     from megatron_simpo.batch_loss import reduce_reports
     from megatron_simpo.data import PairBatcher
+    from megatron_simpo.data.batching import padding_for
     from megatron_simpo.step import run_forward_backward
 
     p = trainer.cfg.parallel
@@ -203,8 +205,7 @@ def _run(trainer, mode: str, mbs: int, pairs: list[Pair]):
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
         seed=3,
-        pad_multiple=p.tensor_model_parallel_size if p.sequence_parallel else 1,
-        uniform_length=p.pipeline_model_parallel_size > 1,
+        **padding_for(p, parallel.variable_seq_lengths(trainer.cfg)),
         capacity=SEQ_LENGTH,
         **MODES[mode],
     )

@@ -4,20 +4,26 @@ Batching contract: global batch ``i`` is the same set of pairs whatever the para
 (positions ``[i*G, (i+1)*G)`` of a stream of per-epoch permutations seeded by ``--seed``);
 data-parallel rank ``d`` of ``D`` takes the ``d``-th contiguous ``G/D`` slice and splits it into
 micro-batches. Each micro-batch holds whole pairs: chosen rows first, then rejected rows, padded on
-the right to its longest sequence (to the longest of the rank's slice under pipeline parallelism,
-whose stages exchange fixed shapes), rounded up to the TP size under sequence parallelism.
+the right to its longest sequence, rounded up to the TP size under sequence parallelism. Under
+pipeline parallelism the stages send each micro-batch's shape first (Megatron-Core's
+``variable_seq_lengths``) and widths are also rounded up to ``--pipeline-pad-multiple`` (64: few
+distinct shapes), capped at ``--seq-length``; with ``--no-variable-seq-lengths`` the stages
+exchange one fixed shape, every micro-batch padded to the longest of the rank's slice.
 With ``--pack-pairs`` / ``--prefix-sharing`` a micro-batch holds the same pairs in packed rows
 instead (``megatron_simpo/data/packing.py``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from megatron_simpo.config import ParallelConfig
 from megatron_simpo.data.packing import collate_packed, pack_rows, row_width
+from megatron_simpo.data.reference import with_reference
 from megatron_simpo.loss import batch_totals
 
 
@@ -54,6 +60,23 @@ def global_batch_indices(
     return out
 
 
+def padding_for(parallel: ParallelConfig, variable_seq_lengths: bool) -> dict[str, int | bool]:
+    """:class:`PairBatcher`'s padding arguments for a layout.
+
+    Sequence parallelism splits the sequence over the TP ranks (widths a multiple of TP). Pipeline
+    stages either exchange each micro-batch's shape (``variable_seq_lengths``, from
+    ``megatron_simpo.parallel.variable_seq_lengths``: widths rounded to ``pipeline_pad_multiple``)
+    or one shape for the whole slice (``uniform_length``).
+    """
+    p = parallel
+    pp = p.pipeline_model_parallel_size > 1
+    return {
+        "pad_multiple": p.tensor_model_parallel_size if p.sequence_parallel else 1,
+        "uniform_length": pp and not variable_seq_lengths,
+        "bucket": p.pipeline_pad_multiple if pp and variable_seq_lengths else 1,
+    }
+
+
 def collate(pairs: list[Pair], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Builds one micro-batch of whole pairs (rows: chosen of each pair, then rejected).
 
@@ -63,7 +86,8 @@ def collate(pairs: list[Pair], seq_len: int, pad_id: int = 0) -> dict[str, torch
     Returns:
         ``tokens`` ``[2b, seq_len]`` int64, ``labels`` ``[2b, seq_len]`` int64, ``loss_mask``
         ``[2b, seq_len]`` float, ``position_ids`` ``[2b, seq_len]`` int64, ``weights`` ``[b]``,
-        ``lengths`` ``[2b]`` response lengths, ``seq_tokens`` ``[2b]`` prompt+response lengths.
+        ``lengths`` ``[2b]`` response lengths, ``seq_tokens`` ``[2b]`` prompt+response lengths;
+        with reference log-probs also ``ref_logps`` ``[2b]`` float64 (:func:`with_reference`).
     """
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [
         (p.prompt_ids, p.rejected_ids) for p in pairs
@@ -86,7 +110,7 @@ def collate(pairs: list[Pair], seq_len: int, pad_id: int = 0) -> dict[str, torch
         seq_tokens[r] = len(seq)
     if bool((loss_mask.sum(-1) == 0).any()):
         raise ValueError("a pair without response tokens reached collation; validate the data")
-    return {
+    batch = {
         "tokens": tokens,
         "labels": labels,
         "loss_mask": loss_mask,
@@ -95,6 +119,7 @@ def collate(pairs: list[Pair], seq_len: int, pad_id: int = 0) -> dict[str, torch
         "lengths": lengths,
         "seq_tokens": seq_tokens,
     }
+    return with_reference(batch, pairs)
 
 
 class PairBatcher:
@@ -111,6 +136,7 @@ class PairBatcher:
         seed: int,
         pad_multiple: int = 1,
         uniform_length: bool = False,
+        bucket: int = 1,
         pack_pairs: bool = False,
         prefix_sharing: bool = False,
         capacity: int | None = None,
@@ -125,6 +151,9 @@ class PairBatcher:
         self.seed = seed
         self.pad_multiple = pad_multiple
         self.uniform_length = uniform_length
+        # Widths rounded up to lcm(pad_multiple, bucket), but never beyond the capacity (rounded
+        # to pad_multiple): bucketing must not pad more than the fixed-shape layout would.
+        self.bucket = math.lcm(pad_multiple, bucket)
         # Packed rows (megatron_simpo/data/packing.py); capacity: --seq-length.
         self.pack_pairs = pack_pairs
         self.prefix_sharing = prefix_sharing
@@ -141,14 +170,21 @@ class PairBatcher:
         longest = (
             max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in batch) - 1
         )
-        return -(-longest // self.pad_multiple) * self.pad_multiple
+        return self._width(longest)
+
+    def _width(self, longest: int) -> int:
+        """``longest`` input positions rounded up to the bucket, capped at the capacity."""
+        width = _round_up(longest, self.bucket)
+        if self.capacity:
+            width = min(width, _round_up(max(self.capacity, longest), self.pad_multiple))
+        return width
 
     def micro_batches(self, iteration: int) -> tuple[list[dict[str, torch.Tensor]], int]:
         """This rank's micro-batches of global batch ``iteration`` and the longest padded length.
 
-        Each micro-batch is padded to its own longest sequence, or, with ``uniform_length``
-        (pipeline parallelism: stages exchange fixed shapes), all to the longest of this rank's
-        slice — the same on every stage of its pipeline, which holds the same slice.
+        Each micro-batch is padded to its own longest sequence (rounded up to the bucket), or,
+        with ``uniform_length`` (pipeline parallelism with fixed shapes), all to the longest of
+        this rank's slice — the same on every stage of its pipeline, which holds the same slice.
         """
         idx = global_batch_indices(len(self.pairs), self.global_batch_size, iteration, self.seed)
         per_rank = self.global_batch_size // self.dp_size
@@ -181,12 +217,23 @@ class PairBatcher:
             pack=self.pack_pairs,
             pad_multiple=self.pad_multiple,
         )
-        width = num_rows = None
-        if self.uniform_length:
+        widths: list[int | None] = [None] * len(groups)
+        num_rows = None
+        if self.uniform_length or self.bucket > self.pad_multiple:
             rows = [
                 pack_rows(g, kw["capacity"], prefix_sharing=kw["prefix_sharing"], pack=kw["pack"])
                 for g in groups
             ]
-            width, num_rows = max(map(row_width, rows)), max(map(len, rows))
-        batches = [collate_packed(g, width=width, num_rows=num_rows, **kw) for g in groups]
+            if self.uniform_length:
+                widths = [max(map(row_width, rows))] * len(groups)
+                num_rows = max(map(len, rows))
+            else:
+                widths = [self._width(row_width(r)) for r in rows]
+        batches = [
+            collate_packed(g, width=w, num_rows=num_rows, **kw) for g, w in zip(groups, widths)
+        ]
         return batches, max(mb["tokens"].shape[1] for mb in batches)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

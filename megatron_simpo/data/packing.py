@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_simpo.data.reference import with_reference
 from megatron_simpo.errors import ConfigError
 
 SHARED, CHOSEN, REJECTED = 0, 1, 2
@@ -175,7 +176,8 @@ def collate_packed(
         ``weights`` ``[b]``, ``lengths`` ``[2b]`` response lengths and ``seq_tokens`` ``[2b]``
         prompt+response lengths (chosen sequences first), and ``shared_prefix`` ``[b]``: the
         prompt positions computed once for both sequences of pair ``i`` (``len(prompt) - 1``
-        when prefix-shared, else 0).
+        when prefix-shared, else 0); with reference log-probs also ``ref_logps`` ``[2b]``
+        (``data/reference.py``).
     """
     rows = pack_rows(pairs, capacity, prefix_sharing=prefix_sharing, pack=pack)
     s = max(row_width(rows), width or 0)
@@ -226,7 +228,7 @@ def collate_packed(
             if CHOSEN in seg.branches:
                 shared[seg.seq_index[seg.branches.index(CHOSEN)]] = seg.branches.count(SHARED)
     out["shared_prefix"] = torch.tensor(shared, dtype=torch.long)
-    return out
+    return with_reference(out, pairs)
 
 
 def attention_mask_from(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from layouts import LAYOUTS, config_dict, init_of  # noqa: E402
+from layouts import LAYOUTS, config_dict, init_of, synthetic_reference  # noqa: E402
 
 from megatron_simpo import parallel  # noqa: E402
 
@@ -71,6 +71,19 @@ def directional_derivative(trainer: Trainer, eps: float = 1e-3) -> dict[str, flo
     return {"grad_l2": norm, "fd_slope": slope}
 
 
+class WithReference:
+    """A sequence of pairs with :func:`layouts.synthetic_reference` log-probs attached."""
+
+    def __init__(self, pairs) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        return synthetic_reference(self.pairs[i])
+
+
 def _names(tensors) -> list[str]:
     return sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
 
@@ -117,6 +130,8 @@ def run_layout(name: str, out: Path, data: str) -> None:
     trainer = Trainer(cfg)
     start = time.perf_counter()
     trainer.setup()
+    if cfg.loss.needs_reference:  # as `megatron-simpo score-reference` would have written them
+        trainer.batcher.pairs = WithReference(trainer.batcher.pairs)
     if ref is None:
         checkpointing.save_checkpoint(out / name / "init", 0, trainer.model)
     distopt = cfg.parallel.use_distributed_optimizer

@@ -6,7 +6,9 @@ single-process reference ``tp1`` (or ``tp1_tied``) wrote, and is compared with i
 per-step losses, metrics and gradient norms, the full gradients of step 1 (layouts without the
 distributed optimizer, whose gradient buffer only holds its own shard after the reduce-scatter)
 and the weights after step 3. The bf16 layouts load the same fp32 weights (rounded to bf16) and
-are compared with the bf16 single process ``tp1_bf16`` and with the fp32 ``tp1``.
+are compared with the bf16 single process ``tp1_bf16`` and with the fp32 ``tp1``. The ``_dpo``
+and ``_orpo`` layouts train those objectives instead (their references ``tp1_dpo``, ``tp1_orpo``);
+DPO's reference log-probs are :func:`synthetic_reference` values attached to the pairs.
 """
 
 from __future__ import annotations
@@ -59,9 +61,14 @@ class Layout(NamedTuple):
     """Overrides of the ``parallel`` section."""
     train: dict | None = None
     """Overrides of the ``train`` section (precision, micro-batch size)."""
+    loss: dict | None = None
+    """The ``loss`` section instead of BASE's (another objective)."""
 
 
 BF16 = {"precision": "bf16"}
+DPO = {"objective": "dpo", "beta": 0.5, "sft_weight": 0.1}
+ORPO = {"objective": "orpo", "beta": 0.5, "orpo_alpha": 0.7}
+PP2 = {"pipeline_model_parallel_size": 2}
 TP2_PP2 = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
 TP2_DP2_SP_DISTOPT = {
     "tensor_model_parallel_size": 2,
@@ -75,11 +82,23 @@ LAYOUTS: dict[str, Layout] = {
     # Loads tp1's weights; compared with tp1 (fp32) and the reference of the bf16 layouts.
     "tp1_bf16": Layout(1, "tp1", {}, BF16),
     "tp2": Layout(2, "tp1", {"tensor_model_parallel_size": 2}),
-    # 8 micro-batches of one pair through the 1F1B schedule, all padded to the slice's longest.
+    # 8 micro-batches of one pair through the 1F1B schedule (default padding: multiples of 64,
+    # capped at --seq-length 16, so all 16 wide).
     "pp2": Layout(2, "tp1", {"pipeline_model_parallel_size": 2}, {"micro_batch_size": 1}),
+    # Today's fixed-shape path: every micro-batch padded to the longest of the slice.
+    "pp2_fixed": Layout(2, "tp1", {**PP2, "variable_seq_lengths": False}, {"micro_batch_size": 1}),
+    # Variable shapes between stages, each micro-batch padded to its own length rounded to 4
+    # (widths 4..16 on this data): the same losses and gradients as the fixed-shape path.
+    "pp2_varlen": Layout(
+        2, "pp2_fixed", {**PP2, "pipeline_pad_multiple": 4}, {"micro_batch_size": 1}
+    ),
     "pp2_vpp2": Layout(
         2, "tp1", {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1}
     ),
+    # Distributed optimizer with its overlapped gradient reduce-scatter and parameter all-gather
+    # (the defaults): 4 one-pair micro-batches per rank, so the reduction must wait for the
+    # last one (no_sync), and the all-gather of step i's update happens in step i+1's forward.
+    "dp2_distopt": Layout(2, "tp1", {"use_distributed_optimizer": True}, {"micro_batch_size": 1}),
     "tp2_bf16": Layout(2, "tp1_bf16", {"tensor_model_parallel_size": 2}, BF16),
     "pp2_bf16": Layout(2, "tp1_bf16", {"pipeline_model_parallel_size": 2}, BF16),
     "tp2_pp2": Layout(4, "tp1", TP2_PP2),
@@ -89,7 +108,28 @@ LAYOUTS: dict[str, Layout] = {
     "dp4": Layout(4, "tp1", {}, {"micro_batch_size": 1}),
     "tp2_pp2_bf16": Layout(4, "tp1_bf16", TP2_PP2, BF16),
     "tp2_dp2_sp_distopt_bf16": Layout(4, "tp1_bf16", TP2_DP2_SP_DISTOPT, BF16),
+    # Other objectives: DPO from (synthetic) reference log-probs through TP and the pipeline;
+    # ORPO's pooled NLL over one-pair micro-batches and two data-parallel ranks.
+    "tp1_dpo": Layout(1, None, {}, loss=DPO),
+    "tp2_pp2_dpo": Layout(4, "tp1_dpo", TP2_PP2, loss=DPO),
+    "tp1_orpo": Layout(1, None, {}, loss=ORPO),
+    "tp2_dp2_orpo": Layout(
+        4, "tp1_orpo", {"tensor_model_parallel_size": 2}, {"micro_batch_size": 1}, loss=ORPO
+    ),
 }
+
+
+def synthetic_reference(pair):
+    """``pair`` with reference log-probs (a deterministic function of its ids, near the tiny
+    model's ~-log 32 per token, varied per pair), the same at every layout."""
+    import dataclasses
+
+    def ref(ids: tuple[int, ...]) -> float:
+        return -3.3 * len(ids) - 0.05 * (sum(ids) % 13)
+
+    return dataclasses.replace(
+        pair, ref_chosen_logp=ref(pair.chosen_ids), ref_rejected_logp=ref(pair.rejected_ids)
+    )
 
 
 def is_tied(name: str) -> bool:
@@ -116,6 +156,8 @@ def config_dict(name: str, data_path: str, load: str | None) -> dict:
     cfg["model"]["tie_word_embeddings"] = is_tied(name)
     cfg["parallel"] = dict(layout.parallel)
     cfg["train"].update(layout.train or {})
+    if layout.loss is not None:
+        cfg["loss"] = dict(layout.loss)
     cfg["data"] = {"data_path": data_path}
     cfg["train"]["load"] = load
     return cfg

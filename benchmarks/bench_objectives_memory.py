@@ -1,0 +1,248 @@
+"""Peak memory and step time: SimPO vs DPO from precomputed reference log-probs vs DPO with a
+resident reference model, on the same small CPU job.
+
+    .venv/bin/python benchmarks/bench_objectives_memory.py                 # defaults below
+    .venv/bin/python benchmarks/bench_objectives_memory.py --hidden 768 --layers 12 --json out.json
+
+Each variant runs in its own process (so its peak resident set size is its own), builds the same
+Llama-shaped Megatron-Core GPT through ``Trainer`` (fp32, SDPA, AdamW, one gloo rank) on the same
+long-tailed pairs (``synthetic.py``) and times ``--steps`` optimizer steps after one warm-up:
+
+* ``simpo``: ``--loss simpo`` (no reference anywhere).
+* ``dpo-precomputed``: ``--loss dpo`` with the reference log-probs attached to the pairs, as
+  ``megatron-simpo score-reference`` leaves them; they come from a separate one-off scoring
+  process (``score``: the reference model's forward over all pairs, timed and reported too).
+* ``dpo-resident``: ``--loss dpo`` with the reference model built in the same process (weights
+  only: no gradients or optimizer state) and run forward on each step's micro-batches before the
+  policy's forward-backward -- the layout of trainers that keep the reference in memory.
+
+The reference is the policy's initial weights plus seeded noise, saved by ``score`` and loaded by
+``dpo-resident``, so both DPO variants train on the same reference log-probs; their first-step
+losses are checked to agree. Peak memory is the process's peak RSS (``report.peak_memory_gib``,
+what ``memory/peak_gib`` logs on CPU), which includes the Python/torch baseline of every variant
+alike; the differences between variants are what the reference costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from synthetic import long_tailed_pairs
+
+VARIANTS = ("simpo", "dpo-precomputed", "dpo-resident")
+
+
+def run_config(args, data: Path, objective: str):
+    from megatron_simpo.config import RunConfig
+
+    return RunConfig.from_dict(
+        {
+            "model": {
+                "vocab_size": args.vocab,
+                "hidden_size": args.hidden,
+                "intermediate_size": args.hidden * 8 // 3,
+                "num_hidden_layers": args.layers,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": args.seq_length,
+            },
+            "loss": {"objective": objective},
+            "optim": {"lr": 1e-6},
+            "data": {"data_path": str(data), "data_schema": "pretokenized"},
+            "train": {
+                "seq_length": args.seq_length,
+                "micro_batch_size": args.micro_batch_size,
+                "global_batch_size": args.global_batch_size,
+                "train_iters": args.steps + 1,
+                "precision": "fp32",
+                "attention_backend": "sdpa",
+                "seed": args.seed,
+            },
+        }
+    )
+
+
+def param_bytes(chunks) -> int:
+    return sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
+
+
+class WithReference:
+    """Pairs with their precomputed reference log-probs (``[(chosen, rejected)]`` by index)."""
+
+    def __init__(self, pairs, refs: list[tuple[float, float]]) -> None:
+        self.pairs, self.refs = pairs, refs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        import dataclasses
+
+        c, r = self.refs[i]
+        return dataclasses.replace(self.pairs[i], ref_chosen_logp=c, ref_rejected_logp=r)
+
+
+def reference_logps(model, micro_batches, seq_len, cfg) -> None:
+    """Attaches ``ref_logps`` [2b] to each micro-batch: the reference model's summed log-probs
+    (forward only, the SimPO metrics' ``logps/*_sum``)."""
+    import torch
+
+    from megatron_simpo.config import LossConfig
+    from megatron_simpo.step import run_forward_backward
+
+    with torch.no_grad():
+        reports = run_forward_backward(
+            model, micro_batches, seq_len, LossConfig(), cfg.model.vocab_size, forward_only=True
+        )
+    for mb, r in zip(micro_batches, reports):
+        pp = r["per_pair"]
+        mb["ref_logps"] = torch.cat([pp["logps/chosen_sum"], pp["logps/rejected_sum"]]).double()
+
+
+def child(args) -> dict:
+    from megatron_simpo import parallel
+
+    parallel.init_distributed()
+    import torch
+
+    from megatron_simpo import checkpointing
+    from megatron_simpo.evaluate import score_pairs
+    from megatron_simpo.model import build_model
+    from megatron_simpo.report import peak_memory_gib
+    from megatron_simpo.step import train_step
+    from megatron_simpo.train import Trainer
+
+    work = Path(args.work)
+    variant = args.variant
+    objective = "simpo" if variant in ("simpo", "score") else "dpo"
+    cfg = run_config(args, work / "pairs.jsonl", objective)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    out: dict = {"variant": variant, "policy_param_gib": param_bytes(trainer.model) / 2**30}
+    if variant == "score":  # the one-off scoring pass of the reference model
+        ref = build_model(cfg)
+        g = torch.Generator().manual_seed(args.seed + 1)
+        with torch.no_grad():
+            for chunk, policy in zip(ref, trainer.model):
+                for p, q in zip(chunk.parameters(), policy.parameters()):
+                    p.copy_(q + 0.02 * torch.randn(q.shape, generator=g))
+        checkpointing.save_checkpoint(work / "reference", 0, ref)
+        start = time.perf_counter()
+        rows = score_pairs(ref, cfg, trainer.batcher.pairs)
+        out["score_seconds"] = time.perf_counter() - start
+        refs = [(r["logps/chosen_sum"], r["logps/rejected_sum"]) for r in rows]
+        (work / "reference_logps.json").write_text(json.dumps(refs))
+        out["peak_gib"] = peak_memory_gib()
+        return out
+    ref_model = None
+    if variant == "dpo-precomputed":
+        refs = [tuple(x) for x in json.loads((work / "reference_logps.json").read_text())]
+        trainer.batcher.pairs = WithReference(trainer.batcher.pairs, refs)
+    elif variant == "dpo-resident":
+        ref_model = build_model(cfg)
+        checkpointing.load_checkpoint(str(work / "reference"), ref_model)
+        for chunk in ref_model:
+            chunk.requires_grad_(False)
+            chunk.eval()
+        out["reference_param_gib"] = param_bytes(ref_model) / 2**30
+    out["setup_peak_gib"] = peak_memory_gib()
+    times, losses = [], []
+    for it in range(args.steps + 1):
+        start = time.perf_counter()
+        micro_batches, seq_len = trainer.batcher.micro_batches(it)
+        if ref_model is not None:
+            reference_logps(ref_model, micro_batches, seq_len, cfg)
+        m = train_step(
+            trainer.model,
+            trainer.optimizer,
+            trainer.scheduler,
+            micro_batches,
+            seq_len,
+            cfg.loss,
+            cfg.model.vocab_size,
+        )
+        times.append(time.perf_counter() - start)
+        losses.append(m["loss"])
+    out.update(
+        seconds_per_step=statistics.median(times[1:]),
+        losses=losses,
+        peak_gib=peak_memory_gib(),
+        threads=torch.get_num_threads(),
+    )
+    parallel.destroy_model_parallel()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq-length", type=int, default=256)
+    ap.add_argument("--global-batch-size", type=int, default=8)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up)")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one variant's process
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.variant:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    work = Path(tempfile.mkdtemp(prefix="bench_objectives_"))
+    n_pairs = args.global_batch_size * (args.steps + 1)
+    with (work / "pairs.jsonl").open("w") as f:
+        for row in long_tailed_pairs(n_pairs, args.seq_length, args.vocab, args.seed):
+            f.write(json.dumps(row) + "\n")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None]
+    results = {}
+    for variant in ("score", *VARIANTS):
+        r = subprocess.run(
+            [sys.executable, __file__, *flags, "--variant", variant, "--work", str(work)],
+            capture_output=True,
+            text=True,
+        )
+        lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        if r.returncode or not lines:
+            sys.exit(f"{variant} failed:\n{r.stderr[-3000:]}")
+        results[variant] = json.loads(lines[-1].removeprefix("RESULT "))
+    pre, res = results["dpo-precomputed"], results["dpo-resident"]
+    # Same weights, same reference log-probs: only the reference's float path differs (scored
+    # per micro-batch of the eval layout vs this step's micro-batches).
+    drift = abs(pre["losses"][0] - res["losses"][0])
+    assert drift < 1e-4, f"DPO first-step losses differ: {pre['losses'][0]} vs {res['losses'][0]}"
+    base = results["simpo"]
+    print(
+        f"hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, seq_length "
+        f"{args.seq_length}, {args.global_batch_size} pairs/step (micro-batch "
+        f"{args.micro_batch_size}), fp32, {base['threads']} threads, {args.steps} timed steps; "
+        f"policy weights {base['policy_param_gib']:.3f} GiB"
+    )
+    print(f"{'variant':<17}{'peak RSS GiB':>13}{'vs simpo':>10}{'s/step':>9}{'vs simpo':>10}")
+    for v in VARIANTS:
+        r = results[v]
+        sec, speed = r["seconds_per_step"], r["seconds_per_step"] / base["seconds_per_step"]
+        print(
+            f"{v:<17}{r['peak_gib']:>13.3f}{r['peak_gib'] - base['peak_gib']:>+10.3f}"
+            f"{sec:>9.2f}{speed:>9.2f}x"
+        )
+    sc = results["score"]
+    print(
+        f"one-off scoring of {n_pairs} pairs by the reference (score-reference's work): "
+        f"{sc['score_seconds']:.2f} s; first-step DPO loss precomputed vs resident: "
+        f"{pre['losses'][0]:.6f} vs {res['losses'][0]:.6f}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Parity with TRL 1.16's own trainers on TRL's own token ids, at TP1 (data parallel 2) and TP2.
+
+TRL tokenises the text pairs (each trainer its own way: ``DPOTrainer`` without BOS, ``CPOTrainer``
+and ``ORPOTrainer`` with it) and computes, in fp32 on ``examples/tiny`` (a Llama), each pair's
+loss and rewards (a batch of that one pair) and the batch's loss and metrics (all pairs in one
+batch): ``DPOTrainer(precompute_ref_log_probs=True)`` with a reference model (the policy with
+seeded noise on its weights) for sigmoid, ipo and hinge, ``CPOTrainer`` for sigmoid (with and
+without label smoothing), hinge, ipo (``cpo_alpha`` > 0) and simpo, ``ORPOTrainer``. Our side
+scores the same ids (and, for the DPO family, TRL's precomputed reference log-probs) with the
+converted checkpoint through ``evaluate``'s machinery in one 2-rank run
+(``tests/distributed/trl_parity_runner.py``). The max abs differences are printed per case.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO, torchrun
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+TINY = REPO / "examples" / "tiny"
+#: Text pairs of uneven lengths (the tiny model's word-level vocabulary); TRL appends EOS.
+ROWS = [
+    ("what is 6 plus 7 ?", " 13", " 6 plus 7 is 4"),
+    ("what is 2 plus 1 ?", " 2 plus 1 is 3", " 2"),
+    ("what", " is 3 plus 4 ? 7", " 9 9"),
+    ("what is 9 plus 9 ?", " 9 plus 9 is 18", " 9 plus 9 is 17 ? 16 15"),
+    ("what is 1 plus 1 ? what is 2 plus 2 ?", " 2 and 4", " 4"),
+    ("what is 5 plus 0 ?", " 5", " 0"),
+]
+#: name -> (trainer, TRL config kwargs, our LossConfig fields).
+CASES = {
+    "dpo": ("dpo", dict(loss_type=["sigmoid"], beta=0.1), dict(objective="dpo", beta=0.1)),
+    "ipo": ("dpo", dict(loss_type=["ipo"], beta=0.5), dict(objective="ipo", beta=0.5)),
+    "dpo-hinge": (
+        "dpo",
+        dict(loss_type=["hinge"], beta=0.1),
+        dict(objective="dpo-hinge", beta=0.1),
+    ),
+    "cpo": ("cpo", dict(loss_type="sigmoid", beta=0.1), dict(objective="cpo", beta=0.1)),
+    "cpo-smoothed": (
+        "cpo",
+        dict(loss_type="sigmoid", beta=0.2, label_smoothing=0.1, cpo_alpha=0.0),
+        dict(objective="cpo", beta=0.2, label_smoothing=0.1, cpo_alpha=0.0),
+    ),
+    "cpo-hinge": (
+        "cpo",
+        dict(loss_type="hinge", beta=0.1, cpo_alpha=0.5),
+        dict(objective="cpo", beta=0.1, loss_type="hinge", cpo_alpha=0.5),
+    ),
+    "cpo-ipo": (
+        "cpo",
+        dict(loss_type="ipo", beta=0.5, cpo_alpha=0.3),
+        dict(objective="cpo", beta=0.5, loss_type="ipo", cpo_alpha=0.3),
+    ),
+    "simpo": (
+        "cpo",
+        dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=0.0),
+        dict(objective="simpo", beta=2.0, simpo_gamma=0.5),
+    ),
+    "orpo": ("orpo", dict(beta=0.1), dict(objective="orpo", beta=0.1)),
+    "orpo-beta0.5": ("orpo", dict(beta=0.5), dict(objective="orpo", beta=0.5)),
+}
+#: Metrics compared (TRL's names); nll_loss only where TRL computes it (NLL weight > 0). ORPO:
+#: TRL 1.16's ORPOTrainer scores its NLL over prompt + response ("orpo chosen nll loss is
+#: computed over the full prompt and response", orpo_trainer.py); ours, like CPO's and SimPO's,
+#: over the response, so ORPO's loss is compared without it (loss - nll_loss).
+KEYS = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+ORPO_KEYS = ("log_odds_ratio", "log_odds_chosen")
+# fp32 on both sides, the same math in another order (our vocab-parallel log-softmax and fused
+# QKV/SwiGLU GEMMs, TP-split reductions vs HF's): logits agree to ~1e-7 (test_hf_parity). The
+# issue's 1e-5 on every metric, absolute for O(1) values and relative above (rel_err): summed
+# log-probs reach ~40 nats and IPO's squared loss ~20, where one fp32 ulp is already ~4e-6.
+ATOL = 1e-5
+
+
+def rel_err(ours: float, theirs: float) -> float:
+    """``|ours - theirs| / max(1, |theirs|)``: absolute for O(1) values, relative above (fp32
+    keeps ~7 digits: IPO's squared loss reaches ~20)."""
+    return abs(ours - theirs) / max(1.0, abs(theirs))
+
+
+def policy():
+    return transformers.LlamaForCausalLM.from_pretrained(TINY).float()
+
+
+def reference_model():
+    """The policy with seeded noise on every weight: the log-ratios are not zero."""
+    model = policy()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def trl_trainer(kind: str, kw: dict, out: str):
+    from trl import DPOConfig, DPOTrainer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    tok = transformers.AutoTokenizer.from_pretrained(TINY)
+    data = datasets.Dataset.from_list([dict(prompt=p, chosen=c, rejected=r) for p, c, r in ROWS])
+    common = dict(output_dir=out, per_device_train_batch_size=len(ROWS), report_to=[])
+    common.update(use_cpu=True, dataloader_num_workers=0)
+    if kind == "dpo":
+        args = DPOConfig(precompute_ref_log_probs=True, max_length=None, **common, **kw)
+        return DPOTrainer(
+            model=policy(),
+            ref_model=reference_model(),
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+        )
+    cls, cfg = (CPOTrainer, CPOConfig) if kind == "cpo" else (ORPOTrainer, ORPOConfig)
+    return cls(model=policy(), args=cfg(**common, **kw), train_dataset=data, processing_class=tok)
+
+
+def trl_metrics(trainer, kind: str, examples: list[dict]) -> dict[str, float]:
+    """TRL's loss and logged metrics of one batch (eval mode: no dropout, no update)."""
+    batch = trainer.data_collator(examples)
+    trainer.model.eval()
+    with torch.no_grad():
+        if kind == "dpo":
+            trainer._metrics["eval"].clear()
+            loss = trainer.compute_loss(trainer.model, batch)
+            metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+        else:
+            loss, logged = trainer.get_batch_loss_metrics(trainer.model, batch, "eval")
+            metrics = {k.removeprefix("eval_"): v for k, v in logged.items()}
+    return {"loss": float(loss), **metrics}
+
+
+def trl_ids(kind: str, example: dict) -> dict:
+    """TRL's token ids of one tokenised example as our Pair fields."""
+    if kind == "dpo":
+        return dict(
+            prompt_ids=example["prompt_ids"],
+            chosen_ids=example["chosen_ids"],
+            rejected_ids=example["rejected_ids"],
+            ref_chosen_logp=example["ref_chosen_logps"],
+            ref_rejected_logp=example["ref_rejected_logps"],
+        )
+    prompt = example["prompt_input_ids"]
+    out = dict(prompt_ids=prompt)
+    for side in ("chosen", "rejected"):
+        ids, labels = example[f"{side}_input_ids"], example[f"{side}_labels"]
+        assert ids[: len(prompt)] == prompt and all(x == -100 for x in labels[: len(prompt)])
+        assert labels[len(prompt) :] == ids[len(prompt) :]  # scored: exactly the response
+        out[f"{side}_ids"] = ids[len(prompt) :]
+    return out
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    from megatron_simpo.convert.hf import hf_to_mcore
+
+    root = tmp_path_factory.mktemp("trl_parity")
+    hf_to_mcore(TINY, root / "ckpt")
+    cases, trl_results = [], {}
+    for name, (kind, kw, ours) in CASES.items():
+        trainer = trl_trainer(kind, kw, str(root / "trl_out"))
+        examples = [trainer.train_dataset[i] for i in range(len(ROWS))]
+        per_pair = [trl_metrics(trainer, kind, [e]) for e in examples]
+        trl_results[name] = {"per_pair": per_pair, "batch": trl_metrics(trainer, kind, examples)}
+        cases.append({"name": name, "loss": ours, "pairs": [trl_ids(kind, e) for e in examples]})
+    (root / "cases.json").write_text(json.dumps(cases))
+    res = torchrun(2, [str(REPO / "tests/distributed/trl_parity_runner.py"), "--root", str(root)])
+    assert res.returncode == 0, res.stderr[-4000:]
+    return root, trl_results
+
+
+def test_every_objective_matches_trl_at_tp1_and_tp2(parity):
+    root, trl_results = parity
+    worst: dict[str, dict[str, float]] = {}  # "case layout" -> metric -> max |ours - TRL|
+    for name, (kind, kw, _) in CASES.items():
+        keys = KEYS + (ORPO_KEYS if kind == "orpo" else ())
+        if kind != "dpo" and kw.get("cpo_alpha", 1.0) > 0:
+            keys += ("nll_loss",)
+        want = trl_results[name]
+        for layout in ("tp1", "tp2"):
+            got = json.loads((root / f"{name}_{layout}.json").read_text())
+            assert len(got["per_pair"]) == len(ROWS)
+            diff = {}
+            for k in keys:
+                if kind == "orpo" and k in ("loss", "nll_loss"):
+                    continue  # below: TRL's NLL also scores the prompt
+                ours_all, trl_all = (
+                    [got["summary"], *got["per_pair"]],
+                    [want["batch"], *want["per_pair"]],
+                )
+                diff[k] = max(rel_err(g[k], w[k]) for g, w in zip(ours_all, trl_all))
+            if kind == "orpo":  # the odds-ratio term: loss - NLL on both sides
+                term = [
+                    (g["loss"] - g["nll_loss"], w["loss"] - w["nll_loss"])
+                    for g, w in zip(
+                        [got["summary"], *got["per_pair"]], [want["batch"], *want["per_pair"]]
+                    )
+                ]
+                diff["loss - nll_loss"] = max(rel_err(a, b) for a, b in term)
+            worst[f"{name} {layout}"] = diff
+            # The data are not degenerate: the pairs' losses differ, DPO's log-ratios are not 0.
+            losses = [g["loss"] for g in got["per_pair"]]
+            assert max(losses) - min(losses) > 1e-2, (name, losses)
+            if kind == "dpo":
+                assert min(abs(g["rewards/chosen"]) for g in got["per_pair"]) > 1e-3
+    table = {c: {k: f"{v:.1e}" for k, v in d.items()} for c, d in worst.items()}
+    print("max |ours - TRL| / max(1, |TRL|) per case, layout, metric:", json.dumps(table, indent=1))
+    (root / "parity.json").write_text(json.dumps(worst, indent=1))
+    bad = {(c, k): v for c, d in worst.items() for k, v in d.items() if not v <= ATOL}
+    assert not bad, bad
