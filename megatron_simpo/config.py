@@ -30,9 +30,12 @@ class ModelConfig:
 
     model_type: str = "llama"
     """HF family, one of megatron_simpo/families: 'llama' (Llama 2/3/3.1/3.2), 'mistral' (no
-    sliding window), 'qwen2'."""
+    sliding window), 'qwen2', 'qwen3' (dense)."""
     qkv_bias: bool = False
     """Biases on the query/key/value projections (Qwen2; set from the family at import)."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3; Megatron-Core's
+    ``qk_layernorm``; set from the family at import)."""
     vocab_size: int = 256
     """Number of real tokens in the vocabulary (before padding for tensor parallelism)."""
     hidden_size: int = 64
@@ -110,7 +113,7 @@ class ModelConfig:
         out.update(family.hf_fixed)
         back = {v: k for k, v in family.renames.items()}
         # Layer options are the family's, not HF config fields.
-        skip = {"make_vocab_size_divisible_by", "qkv_bias"}
+        skip = {"make_vocab_size_divisible_by", "qkv_bias", "qk_layernorm"}
         for f in fields(self):
             if f.name not in skip:
                 out[back.get(f.name, f.name)] = getattr(self, f.name)

@@ -132,6 +132,10 @@ MLA = {"kv_lora_rank": 512, "q_lora_rank": 1536}
             "use_sliding_window=True",
         ),
         ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+        (
+            {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "attention_bias": True},
+            "attention_bias=True is not supported for qwen3",
+        ),
         # Known families that are refused name the field that cannot be reproduced.
         (
             {
@@ -161,6 +165,24 @@ def test_unsupported_configs_are_refused(tmp_path, patch, message):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "family,options",
+    [
+        ("llama", {"qkv_bias": False, "qk_layernorm": False}),
+        ("qwen2", {"qkv_bias": True, "qk_layernorm": False}),
+        ("qwen3", {"qkv_bias": False, "qk_layernorm": True}),
+    ],
+)
+def test_family_sets_layer_options_and_export_omits_them(tmp_path, family, options):
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    raw = {"model_type": family, "architectures": [arch[family]], "vocab_size": 10}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    m = ModelConfig.from_hf_config(tmp_path)
+    assert {k: getattr(m, k) for k in options} == options
+    out = m.to_hf_config(raw)
+    assert out["architectures"] == [arch[family]] and not set(options) & set(out)
 
 
 def test_key_map_refuses_layer_options_the_family_lacks():

@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_simpo.errors import ConfigError
-from megatron_simpo.families import llama, mistral, qwen2
+from megatron_simpo.families import llama, mistral, qwen2, qwen3
 from megatron_simpo.families.base import FamilyDescriptor, KeyEntry, Refusal
 
 __all__ = ["FAMILIES", "REFUSED", "FamilyDescriptor", "KeyEntry", "Refusal", "check_hf_config"]
 
 #: HF ``model_type`` -> descriptor: the families whose checkpoints convert both ways.
 FAMILIES: dict[str, FamilyDescriptor] = {
-    d.model_type: d for d in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY)
+    d.model_type: d for d in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY)
 }
 
 #: Known families this trainer refuses: ``model_type`` -> (config field, why).

@@ -45,7 +45,7 @@ def unset(name: str, reason: str) -> Refusal:
 
 
 #: The ``ModelConfig`` layer options a family fixes (False unless its ``layer_options`` say).
-LAYER_OPTIONS = ("qkv_bias",)
+LAYER_OPTIONS = ("qkv_bias", "qk_layernorm")
 
 #: What no family here reproduces; checked for every family (and named in the error).
 COMMON_REFUSALS: tuple[Refusal, ...] = (
