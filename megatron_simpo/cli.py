@@ -4,7 +4,7 @@ Commands:
     train                 SimPO training; run under ``torchrun`` for several processes.
     evaluate              SimPO metrics of a checkpoint on a preference file (any TP/PP).
     prepare               Validate, tokenise and truncate preference data ahead of training.
-    convert hf-to-mcore   Import a Hugging Face Llama/Mistral/Qwen2 directory as a checkpoint.
+    convert hf-to-mcore   Import a Hugging Face Llama/Mistral/Qwen2/Qwen3 directory as a checkpoint.
     convert mcore-to-hf   Export a checkpoint (any layout) as a Hugging Face directory.
     plot                  PNG dashboard of one or more runs' metrics.jsonl (overlaid).
     plan                  Per-GPU memory (SimPO vs DPO+reference) and layouts that fit.
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv_sub = convert.add_subparsers(dest="direction", required=True)
     h2m = conv_sub.add_parser(
         "hf-to-mcore",
-        help="HF Llama/Mistral/Qwen2 directory -> Megatron checkpoint",
+        help="HF Llama/Mistral/Qwen2/Qwen3 directory -> Megatron checkpoint",
         formatter_class=fmt,
     )
     h2m.add_argument("--hf-dir", required=True, help="HF model directory (safetensors)")

@@ -20,14 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from megatron_simpo import families
 from megatron_simpo.errors import ConfigError
-
-#: HF model_type -> architecture class; the families whose checkpoints convert both ways.
-FAMILIES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
 
 
 @dataclass
@@ -35,9 +29,13 @@ class ModelConfig:
     """Llama-architecture model shape, in Hugging Face ``config.json`` terms."""
 
     model_type: str = "llama"
-    """HF family: 'llama' (Llama 2/3/3.1/3.2), 'mistral' (no sliding window) or 'qwen2'."""
+    """HF family, one of megatron_simpo/families: 'llama' (Llama 2/3/3.1/3.2), 'mistral' (no
+    sliding window), 'qwen2', 'qwen3' (dense)."""
     qkv_bias: bool = False
-    """Biases on the query/key/value projections (Qwen2)."""
+    """Biases on the query/key/value projections (Qwen2; set from the family at import)."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3; Megatron-Core's
+    ``qk_layernorm``; set from the family at import)."""
     vocab_size: int = 256
     """Number of real tokens in the vocabulary (before padding for tensor parallelism)."""
     hidden_size: int = 64
@@ -83,36 +81,9 @@ class ModelConfig:
             raw = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read the model config {p}: {e}") from None
-        family = raw.get("model_type", "llama")
-        archs = raw.get("architectures") or [FAMILIES.get(family, "?")]
-        if family not in FAMILIES or any(a != FAMILIES[family] for a in archs):
-            raise ConfigError(
-                f"{p}: model_type={raw.get('model_type')!r}, architectures={archs}: supported "
-                f"families are {', '.join(f'{k} ({v})' for k, v in FAMILIES.items())}"
-            )
-        want_bias = family == "qwen2"
-        unsupported = {
-            "hidden_act": (raw.get("hidden_act", "silu"), "silu"),
-            "attention_bias": (raw.get("attention_bias", want_bias), want_bias),
-            "mlp_bias": (raw.get("mlp_bias", False), False),
-            "use_sliding_window": (raw.get("use_sliding_window", False), False),
-        }
-        window = raw.get("sliding_window")
-        if (
-            family == "mistral"
-            and window is not None
-            and window < raw.get("max_position_embeddings", 0)
-        ):
-            raise ConfigError(
-                f"{p}: sliding_window={window} is smaller than max_position_embeddings; "
-                "sliding-window attention is not reproduced in training (Mistral v0.2+ has none)"
-            )
-        for key, (got, want) in unsupported.items():
-            if got != want:
-                raise ConfigError(
-                    f"{p}: {key}={got!r} is not supported for {family} (only {want!r})"
-                )
-        raw["qkv_bias"] = want_bias
+        family = families.check_hf_config(raw, str(p))
+        raw = {family.renames.get(k, k): v for k, v in raw.items()}
+        raw.update(family.options())
         params = dict(raw.get("rope_parameters") or {})
         if params:
             raw.setdefault("rope_theta", params.pop("rope_theta", 10000.0))
@@ -137,15 +108,15 @@ class ModelConfig:
         """``config.json`` of the equivalent HF model: ``base`` (the one recorded at import)
         updated with this config's fields."""
         out: dict[str, Any] = dict(base or {})
-        out.update(
-            architectures=[FAMILIES[self.model_type]], model_type=self.model_type, hidden_act="silu"
-        )
-        if self.model_type != "qwen2":
-            out.update(attention_bias=False, mlp_bias=False)
-        skip = {"make_vocab_size_divisible_by", "qkv_bias"}
+        family = families.get(self.model_type)
+        out.update(architectures=[family.architecture], model_type=self.model_type)
+        out.update(family.hf_fixed)
+        back = {v: k for k, v in family.renames.items()}
+        # Layer options are the family's, not HF config fields.
+        skip = {"make_vocab_size_divisible_by", "qkv_bias", "qk_layernorm"}
         for f in fields(self):
             if f.name not in skip:
-                out[f.name] = getattr(self, f.name)
+                out[back.get(f.name, f.name)] = getattr(self, f.name)
         out["num_key_value_heads"] = self.kv_heads
         out["head_dim"] = self.head_size
         # Both spellings: transformers 5 reads rope_parameters, 4 reads rope_theta/rope_scaling.

@@ -78,6 +78,22 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
 
 
+class HeadRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` over one attention head (``[head_dim]`` weight shared by all heads),
+    with the constructor Megatron specs call: Qwen3's ``q_norm`` / ``k_norm``.
+
+    Each TP rank holds other heads, so the weight's gradient is partial there; Megatron's
+    ``finalize_model_grads`` sums it over TP by name (``q_layernorm`` / ``k_layernorm``) when
+    ``TransformerConfig.qk_layernorm`` is set. No ``sequence_parallel`` tag: the heads see the
+    whole sequence (after the QKV projection's all-gather).
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(
+            normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype, device=model_device()
+        )
+
+
 def have_transformer_engine() -> bool:
     """Whether Transformer Engine is importable (it is only used together with CUDA)."""
     return importlib.util.find_spec("transformer_engine") is not None
@@ -187,6 +203,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=m.qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.initializer_range,
@@ -217,20 +234,26 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
     )
 
 
-def _layer_spec(backend: str) -> tuple[ModuleSpec, type | None]:
+def _layer_spec(backend: str, qk_layernorm: bool = False) -> tuple[ModuleSpec, type | None]:
     """The per-layer spec and the final-norm module (None: let Megatron pick).
 
-    ``backend`` is a resolved ``--attention-backend``: ``te``, ``sdpa`` or ``local``.
+    ``backend`` is a resolved ``--attention-backend``: ``te``, ``sdpa`` or ``local``;
+    ``qk_layernorm``: an RMSNorm over each query and key head (the family's layer option).
     """
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(), None
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm), None
+    spec = copy.deepcopy(
+        get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+    )
     spec.submodules.input_layernorm = SequenceParallelRMSNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if qk_layernorm:
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = HeadRMSNorm
     if backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec, SequenceParallelRMSNorm
@@ -280,7 +303,7 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
     if use_te is not None:  # callers that only need the weights (export) may force a spec
         backend = "te" if use_te else ("local" if backend == "te" else backend)
     tconf = transformer_config(cfg)
-    layer_spec, final_norm = _layer_spec(backend)
+    layer_spec, final_norm = _layer_spec(backend, cfg.model.qk_layernorm)
     # With the fused loss head the last stage returns final hidden states; the loss function
     # applies the output layer's weight chunk by chunk (megatron_simpo/fused_logprobs.py).
     model_cls = HiddenStatesGPTModel if cfg.train.fused_loss_head else GPTModel

@@ -150,7 +150,7 @@ def count_params(m: ModelConfig) -> ParamCount:
     return ParamCount(
         embedding=v * h,
         layer_sharded=sharded,
-        layer_replicated=2 * h,
+        layer_replicated=2 * h + (2 * d if m.qk_layernorm else 0),  # norms (+ QK norms)
         final_norm=h,
         output=0 if m.tie_word_embeddings else v * h,
         num_layers=m.num_hidden_layers,

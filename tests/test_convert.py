@@ -107,6 +107,9 @@ def test_hf_config_transformers_4_and_5_styles(tmp_path):
     assert v4 == v5 and v4.rope_theta == 5e5 and v4.rope_scaling["factor"] == 8.0
 
 
+MLA = {"kv_lora_rank": 512, "q_lora_rank": 1536}
+
+
 @pytest.mark.parametrize(
     "patch,message",
     [
@@ -129,6 +132,31 @@ def test_hf_config_transformers_4_and_5_styles(tmp_path):
             "use_sliding_window=True",
         ),
         ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+        (
+            {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "attention_bias": True},
+            "attention_bias=True is not supported for qwen3",
+        ),
+        # Known families that are refused name the field that cannot be reproduced.
+        (
+            {
+                "model_type": "gemma2",
+                "architectures": ["Gemma2ForCausalLM"],
+                "attn_logit_softcapping": 50.0,
+            },
+            "'gemma2' is refused: attn_logit_softcapping=50.0: attention-logit soft-capping",
+        ),
+        (
+            {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]} | MLA,
+            r"'deepseek_v3' is refused: kv_lora_rank=512: multi-head latent attention \(MLA\)",
+        ),
+        # ... and so do those fields in a supported family's config.
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+        (MLA, r"kv_lora_rank=512 is not supported for llama \(multi-head latent"),
+        ({"num_local_experts": 8}, "num_local_experts=8 is not supported for llama"),
+        (
+            {"layer_types": ["full_attention", "sliding_attention"]},
+            "layer_types=.* is not supported for llama",
+        ),
         ({"attention_bias": True}, "attention_bias=True is not supported"),
     ],
 )
@@ -137,6 +165,32 @@ def test_unsupported_configs_are_refused(tmp_path, patch, message):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "family,options",
+    [
+        ("llama", {"qkv_bias": False, "qk_layernorm": False}),
+        ("qwen2", {"qkv_bias": True, "qk_layernorm": False}),
+        ("qwen3", {"qkv_bias": False, "qk_layernorm": True}),
+    ],
+)
+def test_family_sets_layer_options_and_export_omits_them(tmp_path, family, options):
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    raw = {"model_type": family, "architectures": [arch[family]], "vocab_size": 10}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    m = ModelConfig.from_hf_config(tmp_path)
+    assert {k: getattr(m, k) for k in options} == options
+    out = m.to_hf_config(raw)
+    assert out["architectures"] == [arch[family]] and not set(options) & set(out)
+
+
+def test_key_map_refuses_layer_options_the_family_lacks():
+    m = ModelConfig(model_type="llama", qkv_bias=True, num_hidden_layers=1)
+    with pytest.raises(ConfigError, match="model.qkv_bias=True but the llama family has False"):
+        keymap.entries(m)
+    with pytest.raises(ConfigError, match="model_type 'gemma2' is not supported"):
+        keymap.entries(ModelConfig(model_type="gemma2"))
 
 
 def test_convert_cli_errors(tmp_path):

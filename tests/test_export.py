@@ -1,4 +1,4 @@
-"""Export to Hugging Face: lossless round trips for Llama, Mistral and Qwen2, and export of a
+"""Export to Hugging Face: lossless round trips for Llama, Mistral, Qwen2 and Qwen3, and export of a
 TP2xPP2 + distributed-optimizer training checkpoint whose logits match ``transformers``."""
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ def make(family: str, out, **over):
     elif family == "mistral":
         cfg = transformers.MistralConfig(**common, sliding_window=None, **over)
         model = transformers.MistralForCausalLM(cfg)
+    elif family == "qwen3":
+        # Tied like Qwen3-0.6B..4B; head_dim 16 != hidden / heads as in every Qwen3.
+        cfg = transformers.Qwen3Config(
+            **common, head_dim=16, rope_theta=1e6, tie_word_embeddings=True, **over
+        )
+        model = transformers.Qwen3ForCausalLM(cfg)
     else:
         cfg = transformers.Qwen2Config(**common, rope_theta=1e6, **over)
         model = transformers.Qwen2ForCausalLM(cfg)
@@ -56,7 +62,7 @@ def hf_tensors(d) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_round_trip_is_lossless(tmp_path, family):
     make(family, tmp_path / "hf")
     res = run_cli(

@@ -1,5 +1,5 @@
-"""Converted Hugging Face Llama models: Megatron logits equal ``LlamaForCausalLM`` logits at TP1,
-TP2, PP2 and TP2xPP2, and ``evaluate`` equals a float64 SimPO reference from the HF logits."""
+"""Converted Hugging Face models (Llama, Qwen3): Megatron logits equal ``transformers``' logits at
+TP1, TP2, PP2 and TP2xPP2, and ``evaluate`` equals a float64 SimPO reference from the HF logits."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from conftest import LLAMA3_ROPE, REPO, torchrun
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 100
-#: name -> LlamaConfig overrides: GQA and MHA, tied and untied, with and without Llama-3 RoPE.
+#: name -> config overrides: GQA and MHA, tied and untied, with and without Llama-3 RoPE. A name
+#: starting with a family (``qwen3_``) is of that family, otherwise Llama.
 VARIANTS = {
     "gqa_untied_llama3": {
         "num_key_value_heads": 2,
@@ -27,6 +28,9 @@ VARIANTS = {
         "rope_scaling": LLAMA3_ROPE,
     },
     "mha_untied": {"num_key_value_heads": 4, "tie_word_embeddings": False},
+    # Qwen3: per-head QK RMSNorm; head_dim 16 != hidden / heads (8), as in every Qwen3 size.
+    "qwen3_gqa_untied": {"num_key_value_heads": 2, "tie_word_embeddings": False, "head_dim": 16},
+    "qwen3_mha_tied": {"num_key_value_heads": 4, "tie_word_embeddings": True, "head_dim": 16},
 }
 LAYOUTS = {1: ["tp1"], 2: ["tp2", "pp2"], 4: ["tp2_pp2"]}
 EVAL_LAYOUTS = ["tp1", "tp2_pp2"]
@@ -35,7 +39,8 @@ BETA, GAMMA = 2.5, 0.7
 
 def hf_model(name: str):
     torch.manual_seed(sum(map(ord, name)))
-    cfg = transformers.LlamaConfig(
+    family = "Qwen3" if name.startswith("qwen3_") else "Llama"
+    cfg = getattr(transformers, f"{family}Config")(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -45,7 +50,7 @@ def hf_model(name: str):
         rope_theta=5000.0,
         **VARIANTS[name],
     )
-    model = transformers.LlamaForCausalLM(cfg)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg)
     with torch.no_grad():  # HF inits norms to 1: randomise them so a mis-mapped norm shows
         for n, p in model.named_parameters():
             if "norm" in n:
@@ -100,7 +105,7 @@ LOGITS_ATOL = 2e-5
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_logits_match_transformers(parity, name, layout):
     root, _ = parity
-    model = transformers.LlamaForCausalLM.from_pretrained(root / name / "hf").float().eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / name / "hf").float().eval()
     ids = torch.load(root / "input_ids.pt", weights_only=True)
     with torch.no_grad():
         ref = model(ids).logits

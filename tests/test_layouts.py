@@ -94,6 +94,7 @@ def test_matrix_covers_required_layouts():
     required = {"tp2", "pp2", "tp2_pp2", "tp2_dp2_sp_distopt", "pp2_vpp2", "dp4"}
     required |= {"tp2_pp2_dpo", "tp2_dp2_orpo"}  # other objectives (issue 14)
     required |= {"pp2_fixed", "pp2_varlen"}  # variable shapes between stages (issue 13)
+    required |= {"tp2_sp_qwen3"}  # another family: QK-norm gradients summed over TP (issue 16)
     assert required <= set(COMPARED)
     assert LAYOUTS["pp2_varlen"].ref == "pp2_fixed"  # variable shapes against today's path
     sp = LAYOUTS["tp2_dp2_sp_distopt"].parallel

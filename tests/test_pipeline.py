@@ -94,6 +94,81 @@ def test_multi_turn_scores_only_the_final_assistant_turn(tmp_path, tok):
     assert tok.decode(p.rejected_ids) == "5 </s>"
 
 
+#: A Qwen3-style chat template (written for this test): ChatML turns; an assistant turn after the
+#: last user turn gets a ``<think>`` block (its reasoning, split off the content, or empty);
+#: earlier assistant turns lose theirs.
+QWEN3_STYLE_TEMPLATE = """
+{%- set ns = namespace(last_user=-1) -%}
+{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}
+{%- endif -%}{%- endfor -%}
+{%- for m in messages -%}
+  {%- if m.role == 'assistant' -%}
+    {%- set answer = m.content.split('</think>')[-1].lstrip('\n') -%}
+    {%- set thought = '' -%}
+    {%- if '</think>' in m.content -%}
+      {%- set thought = m.content.split('</think>')[0].split('<think>')[-1].strip('\n') -%}
+    {%- endif -%}
+    {{- '<|im_start|>assistant\n' -}}
+    {%- if loop.index0 > ns.last_user -%}{{- '<think>\n' + thought + '\n</think>\n\n' -}}
+    {%- endif -%}
+    {{- answer + '<|im_end|>\n' -}}
+  {%- else -%}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    """A character-level tokenizer with ChatML/think special tokens and the Qwen3-style
+    template; EOS is ``<|im_end|>`` (as in Qwen3's chat models), no BOS."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>"]
+    chars = sorted(set(string.ascii_lowercase + string.digits + " \n?+="))
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + chars)}, "<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    t.add_special_tokens(special)
+    fast = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", unk_token="<unk>")
+    fast.chat_template = QWEN3_STYLE_TEMPLATE
+    out = tmp_path_factory.mktemp("qwen3_tok")
+    fast.save_pretrained(out)
+    return str(out)
+
+
+def test_qwen3_think_blocks_response_is_the_final_turn_as_generated(tmp_path, qwen3_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(qwen3_dir)
+    history = [
+        {"role": "user", "content": "what is 1+1?"},
+        {"role": "assistant", "content": "<think>\nadd one\n</think>\n\n1+1=2"},
+        {"role": "user", "content": "and 2+2?"},
+    ]
+    chosen = {"role": "assistant", "content": "<think>\n2 and 2\n</think>\n\n4"}
+    rejected = {"role": "assistant", "content": "5"}
+    (p,) = run(
+        tmp_path, [{"chosen": history + [chosen], "rejected": history + [rejected]}], qwen3_dir
+    )
+    # The prompt is what generation starts from (the earlier turn's think block dropped by the
+    # template, as at generation time).
+    gen_prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    assert "think" not in gen_prompt and gen_prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert p.prompt_ids == tuple(ids(tok, gen_prompt))
+    # The response is the final turn with its think block (an empty one when the answer has
+    # none), up to and including <|im_end|>: not the newline after it, not a second EOS.
+    assert p.chosen_ids == tuple(ids(tok, "<think>\n2 and 2\n</think>\n\n4<|im_end|>"))
+    assert p.rejected_ids == tuple(ids(tok, "<think>\n\n</think>\n\n5<|im_end|>"))
+    # Prompt + response is the template's own rendering of the conversation, up to that EOS.
+    full = tok.apply_chat_template(history + [chosen], tokenize=False)
+    assert full.endswith("<|im_end|>\n")
+    assert p.prompt_ids + p.chosen_ids == tuple(ids(tok, full[:-1]))
+
+
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory):
     """A BPE tokenizer that merges 'a'+'b' across the prompt/response boundary."""

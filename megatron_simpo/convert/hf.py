@@ -1,4 +1,5 @@
-"""Import a Hugging Face Llama directory as a Megatron-Core distributed checkpoint.
+"""Import a Hugging Face directory (a family of ``megatron_simpo/families``) as a Megatron-Core
+distributed checkpoint.
 
     megatron-simpo convert hf-to-mcore --hf-dir DIR --save CKPT
 

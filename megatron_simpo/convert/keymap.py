@@ -1,9 +1,9 @@
-"""Hugging Face <-> Megatron-Core weight names, as data (one map per family: Llama, Mistral,
-Qwen2), plus the named transforms between them.
+"""Hugging Face <-> Megatron-Core weights: the named transforms, applied through each family's
+key map (data, in its descriptor: ``megatron_simpo/families``).
 
 Megatron names are those of a TP=1, PP=1 ``GPTModel`` built with the local layer spec (module
 ``state_dict`` keys, with ``{i}`` the layer). A map entry is
-``(megatron_name, [hf_names...], transform)``; each transform has a forward (HF -> Megatron) and
+``(megatron_name, (hf_names...), transform)``; each transform has a forward (HF -> Megatron) and
 an inverse (Megatron -> HF) so the round trip is lossless:
 
 - ``copy``: same tensor.
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_simpo import families
 from megatron_simpo.config import ModelConfig
 from megatron_simpo.errors import ConfigError
 
@@ -90,69 +91,21 @@ TRANSFORMS: dict[str, tuple[Forward, Inverse]] = {
     "gate_up_fuse": (_gate_up_fuse, _gate_up_split),
 }
 
-_L = "model.layers.{i}."
-#: Llama (and Llama-compatible) key map: (megatron, [hf...], transform).
-LLAMA_GLOBAL = [
-    ("embedding.word_embeddings.weight", ["model.embed_tokens.weight"], "pad_vocab"),
-    ("decoder.final_layernorm.weight", ["model.norm.weight"], "copy"),
-    ("output_layer.weight", ["lm_head.weight"], "pad_vocab"),
-]
-LLAMA_LAYER = [
-    ("decoder.layers.{i}.input_layernorm.weight", [_L + "input_layernorm.weight"], "copy"),
-    (
-        "decoder.layers.{i}.self_attention.linear_qkv.weight",
-        [
-            _L + "self_attn.q_proj.weight",
-            _L + "self_attn.k_proj.weight",
-            _L + "self_attn.v_proj.weight",
-        ],
-        "qkv_pack",
-    ),
-    (
-        "decoder.layers.{i}.self_attention.linear_proj.weight",
-        [_L + "self_attn.o_proj.weight"],
-        "copy",
-    ),
-    (
-        "decoder.layers.{i}.pre_mlp_layernorm.weight",
-        [_L + "post_attention_layernorm.weight"],
-        "copy",
-    ),
-    (
-        "decoder.layers.{i}.mlp.linear_fc1.weight",
-        [_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"],
-        "gate_up_fuse",
-    ),
-    ("decoder.layers.{i}.mlp.linear_fc2.weight", [_L + "mlp.down_proj.weight"], "copy"),
-]
-
-
-#: Qwen2 adds biases on q/k/v (packed like the weights).
-QKV_BIAS = [
-    (
-        "decoder.layers.{i}.self_attention.linear_qkv.bias",
-        [_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"],
-        "qkv_pack",
-    ),
-]
-
-#: One map per family: (global entries, per-layer entries). Adding a family = adding a map
-#: (and its tests).
-FAMILY_MAPS: dict[str, tuple[list, list]] = {
-    "llama": (LLAMA_GLOBAL, LLAMA_LAYER),
-    "mistral": (LLAMA_GLOBAL, LLAMA_LAYER),
-    "qwen2": (LLAMA_GLOBAL, LLAMA_LAYER + QKV_BIAS),
-}
-
 
 def entries(m: ModelConfig) -> list[tuple[str, list[str], str]]:
     """The concrete map for a model (layers expanded; no output layer when tied)."""
-    if m.model_type not in FAMILY_MAPS:
-        raise ConfigError(
-            f"no key map for model_type {m.model_type!r}; supported: {sorted(FAMILY_MAPS)}"
-        )
-    global_, layer = FAMILY_MAPS[m.model_type]
-    out = [e for e in global_ if not (m.tie_word_embeddings and e[0] == "output_layer.weight")]
+    family = families.get(m.model_type)
+    for name, value in family.options().items():
+        if getattr(m, name) != value:
+            raise ConfigError(
+                f"model.{name}={getattr(m, name)!r} but the {m.model_type} family has {value!r}"
+            )
+    global_, layer = family.global_keys, family.layer_keys
+    out = [
+        (mc, list(hf), t)
+        for mc, hf, t in global_
+        if not (m.tie_word_embeddings and mc == "output_layer.weight")
+    ]
     for i in range(m.num_hidden_layers):
         out += [(mc.format(i=i), [h.format(i=i) for h in hf], t) for mc, hf, t in layer]
     return out

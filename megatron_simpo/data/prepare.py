@@ -37,6 +37,7 @@ from megatron_simpo.data.rows import (
 )
 from megatron_simpo.data.sources import describe, fingerprint, iter_rows
 from megatron_simpo.data.tokenize import (
+    RULES_VERSION,
     render_conversation,
     texts_to_encode,
     tokenize_text,
@@ -435,6 +436,12 @@ def cache_key(
         [str(p) for p in sorted(Path(tokenizer).glob("*")) if p.is_file()] if tokenizer else []
     )
     return fingerprint(
-        {"version": PREPARE_VERSION, "opts": asdict(opts), "split": split, "source": data_path},
+        {
+            "version": PREPARE_VERSION,
+            "rules": RULES_VERSION,
+            "opts": asdict(opts),
+            "split": split,
+            "source": data_path,
+        },
         paths,
     )

@@ -2,7 +2,12 @@
 
 1. Conversations are rendered with the tokenizer's chat template: the prompt text is the template
    of the prompt messages with the generation prompt; the response text is what the template of
-   prompt + final answer adds after it. Only the final assistant turn is the response.
+   prompt + final answer adds after it. Only the final assistant turn is the response, exactly as
+   a model generates it after the prompt: reasoning blocks the template writes into the final
+   turn (Qwen3's ``<think>...</think>``, empty when the answer has none) are scored, those it
+   drops from earlier turns are not in the prompt either, and whitespace the template writes
+   after the turn's closing EOS (ChatML's newline between turns) is not part of the response:
+   generation stops at EOS.
 2. Prompt and prompt + response are tokenised **without** special tokens. The response ids are
    ``enc(prompt + response)[len(enc(prompt)):]``. When the tokenizer merges the last prompt
    characters with the first response characters (the prefix of ``enc(prompt + response)``
@@ -66,8 +71,14 @@ def render_conversation(tok: Any, row: ConversationRow) -> TextRow:
                 "the chat template renders the prompt "
                 "differently alone and before an answer; cannot split the response",
             )
-        texts.append(full[len(p_text) :])
+        texts.append(_end_at_eos(full[len(p_text) :], getattr(tok, "eos_token", None)))
     return TextRow(p_text, texts[0], texts[1], row.weight)
+
+
+def _end_at_eos(response: str, eos: str | None) -> str:
+    """``response`` without the whitespace a template writes after its closing EOS (rule 1)."""
+    end = response.rstrip()
+    return end if eos and end.endswith(eos) else response
 
 
 def texts_to_encode(row: TextRow) -> tuple[str, str, str]:
@@ -101,6 +112,9 @@ def tokenize_text(
 
 
 TRUNCATION_RULES = ("trl", "trl-1", "fill")
+#: Bumped when the rules above change the ids of a row (part of the prepared-data cache key).
+#: 2: no whitespace after a template's closing EOS.
+RULES_VERSION = 2
 
 
 def _cut_prompt(prompt: list[int], limit: int, mode: str, keep_bos: bool) -> list[int]:

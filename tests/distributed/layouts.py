@@ -63,11 +63,16 @@ class Layout(NamedTuple):
     """Overrides of the ``train`` section (precision, micro-batch size)."""
     loss: dict | None = None
     """The ``loss`` section instead of BASE's (another objective)."""
+    model: dict | None = None
+    """Overrides of the ``model`` section (another family); a layout and its reference agree."""
 
 
 BF16 = {"precision": "bf16"}
 DPO = {"objective": "dpo", "beta": 0.5, "sft_weight": 0.1}
 ORPO = {"objective": "orpo", "beta": 0.5, "orpo_alpha": 0.7}
+#: Qwen3: per-head QK RMSNorm (its weight's gradient is partial on each TP rank and must be summed
+#: over TP), head_dim 16 != hidden / heads.
+QWEN3 = {"model_type": "qwen3", "qk_layernorm": True, "head_dim": 16}
 PP2 = {"pipeline_model_parallel_size": 2}
 TP2_PP2 = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
 TP2_DP2_SP_DISTOPT = {
@@ -116,6 +121,11 @@ LAYOUTS: dict[str, Layout] = {
     "tp2_dp2_orpo": Layout(
         4, "tp1_orpo", {"tensor_model_parallel_size": 2}, {"micro_batch_size": 1}, loss=ORPO
     ),
+    # Another family: Qwen3's QK norms through TP with sequence parallelism.
+    "tp1_qwen3": Layout(1, None, {}, model=QWEN3),
+    "tp2_sp_qwen3": Layout(
+        2, "tp1_qwen3", {"tensor_model_parallel_size": 2, "sequence_parallel": True}, model=QWEN3
+    ),
 }
 
 
@@ -154,6 +164,7 @@ def config_dict(name: str, data_path: str, load: str | None) -> dict:
     layout = LAYOUTS[name]
     cfg = {k: dict(v) for k, v in BASE.items()}
     cfg["model"]["tie_word_embeddings"] = is_tied(name)
+    cfg["model"].update(layout.model or {})
     cfg["parallel"] = dict(layout.parallel)
     cfg["train"].update(layout.train or {})
     if layout.loss is not None:
