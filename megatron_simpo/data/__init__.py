@@ -277,7 +277,8 @@ def prepare_for_run(cfg) -> None:
 
 def pairs_for(cfg, path: str) -> PreparedPairs:
     """``load_pairs`` with a run config's options, checked against the run (no collective):
-    ``--seq-length``, the run's tokenizer and the model's vocabulary (``data/checks.py``)."""
+    ``--seq-length``, the run's tokenizer and the model's vocabulary, the DPO family's reference
+    columns (``data/checks.py``)."""
     from megatron_simpo.data.checks import check_for_run
     from megatron_simpo.data.prepare import load_tokenizer, tokenizer_fingerprint
 
@@ -301,5 +302,7 @@ def pairs_for(cfg, path: str) -> PreparedPairs:
         vocab_size=cfg.model.vocab_size,
         tokenizer=tokenizer,
         tokenizer_fingerprint=fp,
+        objective=cfg.loss.objective,
+        max_length=d.max_length,
     )
     return pairs
