@@ -86,7 +86,7 @@ def score_reference(cfg: RunConfig, force: bool = False) -> dict[str, Any] | Non
     from megatron_simpo import checkpointing, defaults, parallel
     from megatron_simpo.data import pairs_for
     from megatron_simpo.evaluate import score_pairs
-    from megatron_simpo.model import build_model
+    from megatron_simpo.model import build_model, model_dtype
 
     data, load = cfg.data.data_path, cfg.train.load
     if not load:
@@ -128,7 +128,7 @@ def score_reference(cfg: RunConfig, force: bool = False) -> dict[str, Any] | Non
         record = {
             "checkpoint": ckpt_fp,
             "tokenisation": tokenisation_of(pairs.info),
-            "precision": cfg.train.precision,
+            "precision": str(model_dtype(cfg)).removeprefix("torch."),
             "layout": {
                 "tp": cfg.parallel.tensor_model_parallel_size,
                 "pp": cfg.parallel.pipeline_model_parallel_size,

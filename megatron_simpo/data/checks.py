@@ -116,10 +116,10 @@ def check_for_run(
             "re-run `megatron-simpo prepare` to record it",
             stacklevel=2,
         )
-    max_length = opts.get("max_length")
-    if max_length is not None and max_length > seq_length:
+    prepared_length = opts.get("max_length")
+    if prepared_length is not None and prepared_length > seq_length:
         raise DataError(
-            f"{where} was prepared with --max-length {max_length} but --seq-length is "
+            f"{where} was prepared with --max-length {prepared_length} but --seq-length is "
             f"{seq_length}: re-run prepare with --max-length {seq_length} or raise --seq-length"
         )
     i, n = longest_pair(pairs)
