@@ -28,7 +28,16 @@ def main() -> None:
     for name, flags in LAYOUTS.items():
         # micro-batch 3: 12 pairs per DP2 rank make 4 micro-batches, TP2/PP2 score 8 of them.
         args = ["score-reference", "--load", ckpt, "--data", f"{root}/{name}"]
-        args += ["--seq-length", "32", "--micro-batch-size", "3", "--precision", "fp32", "--force", *flags]
+        args += [
+            "--seq-length",
+            "32",
+            "--micro-batch-size",
+            "3",
+            "--precision",
+            "fp32",
+            "--force",
+            *flags,
+        ]
         rc = cli_main(args)
         assert rc == 0, (name, rc)
 
