@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, torchrun
 
 from megatron_simpo.config import ModelConfig, RunConfig
-from megatron_simpo.data import pairs_for
+from megatron_simpo.data import pairs_for, prepare_for_run
 from megatron_simpo.data.checks import check_for_run
 from megatron_simpo.data.packing import collate_packed
 from megatron_simpo.data.prepare import (
@@ -153,6 +153,18 @@ def test_dpo_run_without_reference_columns_is_refused(tmp_path):
     assert f"run `megatron-simpo score-reference --load <reference ckpt> --data {path}`" in msg
     cfg.loss.objective = "simpo"  # reference free: the same data is fine
     assert len(pairs_for(cfg, path)) == 6
+
+
+def test_dpo_run_on_raw_data_is_refused_before_tokenising(tmp_path):
+    src = tmp_path / "raw.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in varied_rows(4)))
+    cfg = dpo_cfg(data_path=str(src), data_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError) as e:
+        prepare_for_run(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"--data {src}: --loss dpo reads reference log-probs") and "\n" not in msg
+    assert "megatron-simpo prepare" in msg and "megatron-simpo score-reference" in msg
+    assert not (tmp_path / "cache").exists()  # nothing was tokenised
 
 
 def _edit_record(path, **tokenisation) -> None:
