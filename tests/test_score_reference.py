@@ -275,6 +275,16 @@ def test_cli_prepare_score_reference_train_dpo(scored):
     assert abs(rows[0]["rewards/chosen"]) < 1e-6 and abs(rows[0]["rewards/rejected"]) < 1e-6
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(rows[1]["rewards/margins"]) > 1e-4  # one update later the policy has moved
+    # DPO's TRL names (rewards with the reference) reach TensorBoard and the plot's series.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_simpo.plot import load_run
+
+    acc = EventAccumulator(str(root / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    names = {"loss", "nll_loss", "logps/chosen", "logps/rejected"}
+    names |= {f"rewards/{k}" for k in ("chosen", "rejected", "margins", "accuracies")}
+    assert names <= set(acc.Tags()["scalars"]) and names <= load_run(root / "tb").series.keys()
 
 
 def test_rerun_is_a_no_op(scored, capsys):
