@@ -4,8 +4,9 @@ TRL tokenises the text pairs (each trainer its own way: ``DPOTrainer`` without B
 and ``ORPOTrainer`` with it) and computes, in fp32 on ``examples/tiny`` (a Llama), each pair's
 loss and rewards (a batch of that one pair) and the batch's loss and metrics (all pairs in one
 batch): ``DPOTrainer(precompute_ref_log_probs=True)`` with a reference model (the policy with
-seeded noise on its weights) for sigmoid, ipo and hinge, ``CPOTrainer`` for sigmoid (with and
-without label smoothing), hinge, ipo (``cpo_alpha`` > 0) and simpo, ``ORPOTrainer``. Our side
+seeded noise on its weights) for sigmoid, ipo, hinge and sigmoid_norm (our dpo-norm),
+``CPOTrainer`` for sigmoid (with and without label smoothing), hinge, ipo (``cpo_alpha`` > 0)
+and simpo, ``ORPOTrainer``. Our side
 scores the same ids (and, for the DPO family, TRL's precomputed reference log-probs) with the
 converted checkpoint through ``evaluate``'s machinery in one 2-rank run
 (``tests/distributed/trl_parity_runner.py``). The max abs differences are printed per case.
@@ -41,6 +42,11 @@ CASES = {
         "dpo",
         dict(loss_type=["hinge"], beta=0.1),
         dict(objective="dpo-hinge", beta=0.1),
+    ),
+    "dpo-norm": (
+        "dpo",
+        dict(loss_type=["sigmoid_norm"], beta=2.0),
+        dict(objective="dpo-norm", beta=2.0),
     ),
     "cpo": ("cpo", dict(loss_type="sigmoid", beta=0.1), dict(objective="cpo", beta=0.1)),
     "cpo-smoothed": (
@@ -82,7 +88,7 @@ ATOL = 1e-5
 #: Objectives without a TRL trainer, scored (on a TRL case's ids) for the bf16 check only:
 #: name -> (case whose pairs they take, our LossConfig fields).
 OURS_ONLY = {
-    "dpo-norm": ("dpo", dict(objective="dpo-norm", beta=2.0, label_smoothing=0.1)),
+    "dpo-norm-smoothed": ("dpo", dict(objective="dpo-norm", beta=2.0, label_smoothing=0.1)),
     "dpo-smoothed": ("dpo", dict(objective="dpo", beta=0.1, label_smoothing=0.2, sft_weight=0.5)),
     "simpo-hinge": ("simpo", dict(objective="simpo", beta=2.0, loss_type="hinge")),
 }
