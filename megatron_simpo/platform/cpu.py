@@ -39,6 +39,10 @@ PATCHES: dict[str, str] = {
     "triton and dense models never run them, so inert stand-ins are served. Installed by "
     "`import megatron_simpo` (platform/triton_stand_ins.py), since it must precede any "
     "Megatron-Core import.",
+    "alltoall_split_sizes": "the MoE alltoall token dispatcher passes all_to_all_single its split "
+    "sizes as tensors that it turns into numpy arrays only when they are on a GPU "
+    "(moe_utils.maybe_move_tensor_to_cpu, called from token_dispatcher.py's "
+    "_maybe_dtoh_and_synchronize); the c10d binding takes sequences only, so they become lists.",
     "dist_ckpt_results_queue": "dist_checkpointing save starts a multiprocessing.Manager per rank "
     "only to hold a results queue (2-4 s per rank, needs a __main__ guard); an in-process queue "
     "is equivalent for synchronous saves.",
@@ -62,7 +66,8 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     Covers ``device=`` keyword arguments (factories, ``.to``), positional devices of
     ``Tensor.to``, ``Tensor.cuda()`` and ``Tensor.type()`` (answered with the CUDA type name,
-    which is what Megatron's optimizer checks for).
+    which is what Megatron's optimizer checks for); also the tensor split sizes that reach
+    ``all_to_all_single`` from the MoE dispatcher (``alltoall_split_sizes``).
     """
 
     _TYPE_NAMES = {
@@ -73,6 +78,11 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.distributed.all_to_all_single:
+            kwargs = {
+                k: v.tolist() if k.endswith("split_sizes") and torch.is_tensor(v) else v
+                for k, v in kwargs.items()
+            }
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.pin_memory:
