@@ -94,16 +94,28 @@ def _tracker_values() -> tuple[torch.Tensor | None, object]:
         return (entry["values"] if entry is not None else None), entry
 
 
-def aux_loss_metrics(cfg: RunConfig, num_microbatches: int) -> dict[str, float]:
-    """``moe/aux_loss``: the load-balancing loss of the iteration, summed over MoE layers and
-    averaged over micro-batches (all ranks: summed over pipeline stages and the tensor/context
-    ranks' token shards, averaged over data-parallel ranks), as the objective weighs it; then
-    clears Megatron's tracker. Collective over the pipeline and data-parallel groups; {} for a
-    dense model or with ``--moe-aux-loss-coeff 0`` (the router then computes no aux loss).
+def reset_aux_loss() -> None:
+    """Zeroes Megatron's record of the load-balancing loss (any forward with gradients in
+    training mode adds to it, not only the training step's)."""
+    values, _ = _tracker_values()
+    if values is not None:
+        values.zero_()
+
+
+def aux_loss_metrics(config, num_microbatches: int) -> dict[str, float]:
+    """``moe/aux_loss``: the load-balancing loss of the step's forward passes, summed over MoE
+    layers and averaged over micro-batches (all ranks: summed over pipeline stages and the
+    tensor/context ranks' token shards, averaged over data-parallel ranks), as the objective
+    weighs it; then zeroes Megatron's record. Collective over the pipeline and data-parallel
+    groups; {} for a dense model or with ``--moe-aux-loss-coeff 0`` (no aux loss computed).
+
+    Args:
+        config: the model's Megatron-Core ``TransformerConfig``.
+        num_microbatches: micro-batches this rank ran in the step.
     """
     from megatron.core import parallel_state as ps
 
-    if cfg.model.num_experts is None or cfg.train.moe_aux_loss_coeff <= 0:
+    if not config.num_moe_experts or not config.moe_aux_loss_coeff:
         return {}
     values, entry = _tracker_values()
     if values is None:  # no training forward yet (every stage has MoE layers otherwise)
@@ -119,3 +131,27 @@ def aux_loss_metrics(cfg: RunConfig, num_microbatches: int) -> dict[str, float]:
     v /= dist.get_world_size(dp)
     values.zero_()
     return {"moe/aux_loss": float(v.sum()) / num_microbatches}
+
+
+def padding_mask(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> torch.Tensor:
+    """Megatron-Core's MoE ``padding_mask`` of a micro-batch: True at padding positions, so
+    that padding is left out of the load-balancing loss (it would otherwise weigh in with
+    whatever width a layout pads a micro-batch to). ``[rows, seq]``, or ``[rows, seq / TP]`` on
+    a pipeline stage after the first under sequence parallelism (GPTModel scatters it only on
+    the first).
+
+    Args:
+        batch: a collated micro-batch (``segment_ids`` for packed rows, else ``seq_tokens``).
+        model: the (unwrapped) ``GPTModel`` chunk it goes through.
+    """
+    tokens = batch["tokens"]
+    if "segment_ids" in batch:
+        mask = batch["segment_ids"] == 0
+    else:  # row r holds seq_tokens[r] - 1 input positions
+        cols = torch.arange(tokens.shape[1], device=tokens.device)
+        mask = cols.unsqueeze(0) >= (batch["seq_tokens"] - 1).unsqueeze(1)
+    if model.config.sequence_parallel and not model.pre_process:
+        from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+        mask = scatter_to_sequence_parallel_region(mask.t().contiguous()).t().contiguous()
+    return mask

@@ -54,6 +54,17 @@ def alltoall_refuses_tensor_splits() -> bool:
     )
 
 
+def moe_splits_work() -> bool:
+    """The dispatcher's split sizes, as it gets them, pass a one-rank gloo all_to_all."""
+    import torch.distributed as dist
+    from megatron.core.transformer.moe import token_dispatcher
+
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3]), as_numpy=True)
+    out = torch.empty(3)
+    dist.all_to_all_single(out, torch.ones(3), output_split_sizes=splits, input_split_sizes=splits)
+    return bool((out == 1).all())
+
+
 def main() -> None:
     assert not torch.cuda.is_available(), "this probe is for CPU-only machines"
     from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -136,7 +147,7 @@ def main() -> None:
         and torch.cuda.current_stream().wait_stream(torch.cuda.Stream()) is None,
         "rng_tracker": rng_works(),
         "triton_only_modules": triton_stubs_work(),
-        "alltoall_split_sizes": not alltoall_refuses_tensor_splits(),
+        "alltoall_split_sizes": moe_splits_work(),
         "dist_ckpt_results_queue": queue_works(getattr(filesystem_async, get_queue_name)),
     }
     print(json.dumps({k: {"needed": needed[k], "works": works[k]} for k in cpu.PATCHES}))
