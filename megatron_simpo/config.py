@@ -96,7 +96,7 @@ class ModelConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read the model config {p}: {e}") from None
         family = families.check_hf_config(raw, str(p))
-        raw = {family.renames.get(k, k): v for k, v in raw.items()}
+        raw = {family.aliases.get(k, family.renames.get(k, k)): v for k, v in raw.items()}
         raw.update(family.options())
         raw.update(family.moe_fixed)
         params = dict(raw.get("rope_parameters") or {})

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_simpo.errors import ConfigError
-from megatron_simpo.families import llama, mistral, mixtral, qwen2, qwen3
+from megatron_simpo.families import llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
 from megatron_simpo.families.base import FamilyDescriptor, KeyEntry, Refusal
 
 __all__ = ["FAMILIES", "REFUSED", "FamilyDescriptor", "KeyEntry", "Refusal", "check_hf_config"]
@@ -18,7 +18,14 @@ __all__ = ["FAMILIES", "REFUSED", "FamilyDescriptor", "KeyEntry", "Refusal", "ch
 #: HF ``model_type`` -> descriptor: the families whose checkpoints convert both ways.
 FAMILIES: dict[str, FamilyDescriptor] = {
     d.model_type: d
-    for d in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mixtral.FAMILY)
+    for d in (
+        llama.FAMILY,
+        mistral.FAMILY,
+        qwen2.FAMILY,
+        qwen3.FAMILY,
+        mixtral.FAMILY,
+        qwen3_moe.FAMILY,
+    )
 }
 
 #: Known families this trainer refuses: ``model_type`` -> (config field, why).
@@ -28,8 +35,7 @@ REFUSED: dict[str, tuple[str, str]] = {
     "gemma3": ("sliding_window", "interleaved sliding-window attention is not reproduced"),
     "deepseek_v2": ("kv_lora_rank", "multi-head latent attention (MLA) is not supported"),
     "deepseek_v3": ("kv_lora_rank", "multi-head latent attention (MLA) is not supported"),
-    "qwen2_moe": ("num_experts", "mixture-of-experts layers are not supported yet"),
-    "qwen3_moe": ("num_experts", "mixture-of-experts layers are not supported yet"),
+    "qwen2_moe": ("shared_expert_intermediate_size", "shared experts are not supported yet"),
 }
 
 

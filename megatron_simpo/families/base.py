@@ -93,6 +93,10 @@ class FamilyDescriptor:
     value), and written so into an exported ``config.json``."""
     renames: Mapping[str, str] = field(default_factory=dict)
     """HF config field -> ``ModelConfig`` field, where the names differ."""
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    """Other spellings of HF config fields that are read (as the ``ModelConfig`` field named)
+    but never written: e.g. transformers 5 saves Qwen3-MoE's ``num_experts`` as
+    ``num_local_experts``."""
     refusals: tuple[Refusal, ...] = ()
     """Family-specific refusals (checked after :data:`COMMON_REFUSALS` and ``hf_fixed``)."""
     moe: bool = False
