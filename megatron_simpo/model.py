@@ -327,11 +327,10 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
     if use_te is not None:  # callers that only need the weights (export) may force a spec
         backend = "te" if use_te else ("local" if backend == "te" else backend)
     tconf = transformer_config(cfg)
+    # TE's grouped GEMM only with the TE spec (e.g. packed rows choose sdpa even with TE).
+    tconf.moe_grouped_gemm = backend == "te" and tconf.moe_grouped_gemm
     layer_spec, final_norm = _layer_spec(
-        backend,
-        cfg.model.qk_layernorm,
-        cfg.model.num_experts,
-        grouped_gemm=backend == "te" and tconf.moe_grouped_gemm,
+        backend, cfg.model.qk_layernorm, cfg.model.num_experts, tconf.moe_grouped_gemm
     )
     # With the fused loss head the last stage returns final hidden states; the loss function
     # applies the output layer's weight chunk by chunk (megatron_simpo/fused_logprobs.py).
