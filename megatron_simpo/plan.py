@@ -709,13 +709,15 @@ def format_plan(result: dict[str, Any], top: int = 10) -> str:
     if "moe" in m:
         e = m["moe"]
         params += (
-            f" ({m['active_params'] / 1e9:.2f}B active: {e['num_experts']} experts of width "
+            f", {m['active_params'] / 1e9:.2f}B active ({e['num_experts']} experts of width "
             f"{e['expert_ffn']}, top-{e['top_k']}"
             + (f", shared expert {e['shared_ffn']}" if e["shared_ffn"] else "")
-            + ")"
+            + "; "
         )
+    else:
+        params += " ("
     lines = [
-        f"model: {params} (hidden {m['hidden_size']}, "
+        f"model: {params}hidden {m['hidden_size']}, "
         f"{m['num_hidden_layers']} layers, {m['num_attention_heads']} heads / "
         f"{m['num_key_value_heads'] or m['num_attention_heads']} KV, ffn "
         f"{m['intermediate_size']}, vocab {m['vocab_size']})",
