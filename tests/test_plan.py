@@ -597,3 +597,24 @@ def test_cli_lora_moe_and_dpo_reports():
         assert r.returncode == 2
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and word in lines[0], r.stderr
+
+
+def test_llama3_70b_tp4_decision_quoted_in_the_sbatch_header():
+    """slurm/simpo_llama3_70b.sbatch runs TP4 x PP8 on 4 nodes because the planner says it fits
+    and ranks it first; TP4 on 2 nodes does not fit. The header quotes these numbers."""
+    m = plan.load_model("llama3-70b")
+    job = plan.Job(
+        nodes=4, gpus_per_node=8, gpu_memory_gb=80, seq_length=2048, global_batch_size=128
+    )
+    tp4 = plan.plan(m, job, tp=4)["layouts"][0]
+    assert tp4["name"] == "TP4 PP8 DP1 SP" and tp4["fits_simpo"]
+    best = plan.plan(m, job)["layouts"][0]
+    assert best["name"] == tp4["name"]
+    tp8 = plan.plan(m, job, tp=8, pp=4, recompute="none")["layouts"][0]
+    assert tp8["fits_simpo"] and tp8["step_seconds"] > tp4["step_seconds"]
+    two = plan.plan(m, replace(job, nodes=2), tp=4)
+    assert not any(r["fits_simpo"] for r in two["layouts"])
+    header = (REPO / "slurm/simpo_llama3_70b.sbatch").read_text().split("#SBATCH")[0]
+    assert f"TP4 PP8 DP1 SP          {tp4['simpo']['total'] / 1e9:.1f}" in header
+    assert f"TP8 PP4 DP1 SP          {tp8['simpo']['total'] / 1e9:.1f}" in header
+    assert f"{tp4['step_seconds']:.1f}   <- this script" in header
