@@ -332,7 +332,9 @@ def loss_head_bytes(m: ModelConfig, layout: Layout, job: Job) -> float:
     """Peak of the loss head of one micro-batch: unfused, the logits in the model dtype plus two
     fp32 working copies; fused, one chunk of them and the weight-gradient accumulator."""
     tokens = defaults.head_tokens(layout.micro_batch_size, job.seq_length)
-    args = (tokens, m.padded_vocab_size() // layout.tp, m.hidden_size, job.dtype_bytes)
+    # LoRA freezes the output layer: no weight gradient (its [v, h] terms vanish with h = 0).
+    hidden = 0 if job.lora_rank else m.hidden_size
+    args = (tokens, m.padded_vocab_size() // layout.tp, hidden, job.dtype_bytes)
     if fused_loss_head(m, layout, job)[0]:
         return defaults.fused_head_bytes(*args, job.loss_chunk_size)
     return defaults.unfused_head_bytes(*args)

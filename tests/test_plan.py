@@ -467,6 +467,13 @@ def test_lora_memory_by_hand():
     assert b["activations"] - full["activations"] == pytest.approx(
         2 * 4096 * 32 * 7 * 16 * 2, rel=1e-12
     )
+    # The output layer is frozen: the (fused, 8192 tokens) loss head has no [v, h] weight-
+    # gradient terms (fp32 accumulator, bf16 product and its fp32 copy: 10 bytes per element).
+    assert plan.fused_loss_head(m, lay, job)[0]
+    lora_head = plan.loss_head_bytes(m, lay, job)
+    assert plan.loss_head_bytes(m, lay, JOB) - lora_head == pytest.approx(
+        10 * 128256 / 2 * 4096, rel=1e-12
+    )
     # With dropout each adapter also keeps its input: h for q, k, v, gate, up (gathered), the
     # TP shard of o's (4096/2) and down's (14336/2) inputs.
     drop = plan.breakdown(m, lay, replace(job, lora_dropout=0.05))
