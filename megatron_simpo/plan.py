@@ -730,7 +730,8 @@ def objectives(m: ModelConfig, job: Job, rows: list[dict[str, Any]], num_pairs: 
         )
     c = count_params(m)
     bpp = bytes_per_param(job)
-    state = bpp["weights"] + bpp["gradients"] + bpp["optimizer"]
+    # LoRA: the trained state is the frozen base (its weights) plus the small adapters.
+    state = bpp["weights"] + (0 if job.lora_rank else bpp["gradients"] + bpp["optimizer"])
     truth = {
         "params": c.total,
         "reference_gb": c.total * bpp["reference"] / GB,

@@ -549,6 +549,9 @@ def test_dpo_precomputed_is_simpo_plus_two_scalars_per_pair_and_scoring_cost():
     t = o["memory"]
     assert t["reference_gb"] == LLAMA3_8B_PARAMS * 2 / 1e9
     assert t["training_state_gb"] == LLAMA3_8B_PARAMS * 18 / 1e9
+    # Under LoRA the base holds 2 bytes/param: a resident reference doubles it.
+    lora = plan.objectives(m, replace(JOB, lora_rank=8), rows, None)["memory"]
+    assert lora["training_state_gb"] == lora["reference_gb"] == LLAMA3_8B_PARAMS * 2 / 1e9
     # score-reference: one forward of both 4096-token sequences of every pair, 2 x params x
     # tokens + causal attention (32 layers x 2 matmuls x 2 FLOPs x s^2/2 x 4096 width).
     P = flops.matmul_params(m)
@@ -579,6 +582,13 @@ def test_step_flops_count_a_shared_prompt_once():
 
 
 def test_cli_lora_moe_and_dpo_reports():
+    import subprocess
+    import sys
+
+    # The planner answers without importing torch (flops.py imports it only for devices).
+    code = "import sys, megatron_simpo.plan; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
     base = ["plan", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "80"]
     base += ["--seq-length", "4096", "--global-batch-size", "128"]
     r = run_cli(*base, "--model", "llama3-70b", "--lora-rank", "16", "--lora-alpha", "32")
