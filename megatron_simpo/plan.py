@@ -83,8 +83,9 @@ default here). ``s/step`` turns it into seconds: the step's model FLOPs (``flops
 Megatron-LM's accounting, causal attention as half the square, every pair at ``--seq-length``,
 a ``--prompt-length`` prompt counted once as prefix sharing computes it, active parameters for
 MoE) over ``GPUs x --peak-tflops x --mfu x speed``; DPO with a resident reference does 4/3 the
-work; optimizer offload adds each rank's gradient and weight transfer over PCIe (25 GB/s
-assumed; the host Adam step is not modelled). ``--mfu`` (default 40%) is an assumption, not a
+work, LoRA ~2/3 of it (no weight gradients for the frozen base); optimizer offload adds each
+rank's gradient and weight transfer over PCIe (25 GB/s assumed; the host Adam step is not
+modelled). ``--mfu`` (default 40%) is an assumption, not a
 prediction: the seconds are as good as it is. Layouts are ranked by ``s/step``.
 """
 
@@ -434,8 +435,12 @@ def step_seconds(m: ModelConfig, layout: Layout, job: Job, algo: str = "simpo") 
     """Estimated seconds per step: model FLOPs over ``world x peak x --mfu x throughput``; DPO
     with a resident reference runs one more forward (4/3 the work); with optimizer offload,
     the gradients (fp32) and weights (model dtype) of each rank's shard cross PCIe at
-    :data:`PCIE_GBPS` (host Adam itself is not modelled)."""
+    :data:`PCIE_GBPS` (host Adam itself is not modelled); LoRA does ~2/3 of the work."""
     work = step_flops(m, job) * (4 / 3 if algo == "dpo" else 1.0)
+    if job.lora_rank:
+        # A frozen base computes no weight gradients: backward is ~1 forward (the input
+        # gradients), not 2; the adapters' own matmuls are negligible at small rank.
+        work *= 2 / 3
     seconds = work / (job.world * job.peak_tflops * 1e12 * job.mfu * throughput(layout, job))
     if job.optimizer_cpu_offload:
         n = rank_params(m, layout, job, 0)

@@ -511,6 +511,11 @@ def test_which_llama3_70b_simpo_jobs_fit_one_8x80_node():
     # Host: at least the fp32 master + Adam m, v of every parameter, 12 bytes each.
     assert offload["host_gb_per_node"] >= 12 * LLAMA3_70B_PARAMS / 1e9
     assert lora["host_gb_per_node"] == 0
+    # LoRA's backward computes no base weight gradients: ~2/3 of full training's work.
+    lay = plan.Layout(**{k: v for k, v in plan.plan(m, job)["layouts"][0]["layout"].items()})
+    lora_job = replace(job, lora_rank=16)
+    ratio = plan.step_seconds(m, lay, lora_job) / plan.step_seconds(m, lay, job)
+    assert ratio == pytest.approx(2 / 3, rel=1e-12)
     # Static floor by hand: full 18 bytes/param over 8 GPUs ~ 159 GB; offload 6 ~ 53 GB;
     # LoRA ~ 2 bytes/param ~ 18 GB + adapters.
     assert full["gb_per_gpu"] > 18 * LLAMA3_70B_PARAMS / 8 / 1e9
