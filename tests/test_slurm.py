@@ -364,7 +364,7 @@ def _check_step_environment(steps, container: bool, mounted: list[Path]) -> None
     "script, preset, nodes, layout",
     [
         ("simpo_llama3_8b.sbatch", "llama3-8b", 1, (1, 2, 4)),
-        ("simpo_llama3_70b.sbatch", "llama3-70b", 4, (8, 4, 1)),
+        ("simpo_llama3_70b.sbatch", "llama3-70b", 4, (4, 8, 1)),
     ],
 )
 def test_gpu_scripts_give_a_valid_run(tmp_path, script, preset, nodes, layout, container):
