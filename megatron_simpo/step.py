@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_simpo import batch_loss
+from megatron_simpo import batch_loss, packed_seq
 from megatron_simpo.batch_loss import reduce_reports
 from megatron_simpo.config import LossConfig
 from megatron_simpo.data.packing import (
@@ -34,7 +34,18 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
     checked: set[int] = set()
 
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+        batch = next(data_iterator)
+        if "segment_ids" in batch and thd_packed(model):
+            # Transformer Engine: the rows as one stream of THD sequences (packed_seq.py),
+            # cu_seqlens from the host batch.
+            batch, params = packed_seq.thd_batch(batch)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            params = packed_seq.to_device(params, device)
+            output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=params)
+            core = unwrap(model)
+            head = core if isinstance(core, HiddenStatesGPTModel) else None
+            return output, partial(batch_loss.loss_func, loss_cfg, vocab_size, batch, head=head)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         if "segment_ids" in batch:  # packed rows: block-diagonal mask, per-sequence RoPE
             if id(model) not in checked:
                 check_attention_supports_mask(model)
@@ -51,6 +62,12 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
     return forward_step
 
 
+def thd_packed(model) -> bool:
+    """Whether ``model`` takes packed rows as THD sequences (Transformer Engine) rather than with
+    an explicit mask (set by ``model.build_model``)."""
+    return getattr(unwrap(model), "packed_seq_format", "mask") == "thd"
+
+
 def run_forward_backward(
     model: list,
     micro_batches: list[dict[str, torch.Tensor]],
@@ -64,6 +81,8 @@ def run_forward_backward(
     vpp = len(model)
     iterators = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
     rows = micro_batches[0]["tokens"].shape[0]
+    if "segment_ids" in micro_batches[0] and thd_packed(model[0]):
+        rows, seq_len = 1, rows * seq_len  # one [rows * s] stream per micro-batch (packed_seq.py)
     return get_forward_backward_func()(
         forward_step_func=make_forward_step(loss_cfg, vocab_size),
         data_iterator=iterators,
