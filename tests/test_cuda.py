@@ -18,6 +18,7 @@ The module doubles as the worker script: ``python tests/test_cuda.py OUT DATA VA
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -68,6 +69,18 @@ VARIANTS = {
     "bf16_fused": {"precision": "bf16", **FUSED},
     "bf16_packed": {"precision": "bf16", **PACKED},
 }
+#: Transformer Engine variants (where TE is installed): its fused attention padded, packed as
+#: THD sequences (PackedSeqParams, megatron_simpo/packed_seq.py), and the defaults (auto: TE,
+#: packing on as THD, prefix sharing off, the fused head as the memory model decides).
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+TE = {**SDPA, "attention_backend": "te"}
+TE_VARIANTS = {
+    "bf16_te": {"precision": "bf16", **TE},
+    "bf16_te_thd": {"precision": "bf16", **TE, "pack_pairs": True},
+    "bf16_defaults": {"precision": "bf16"},
+}
+if HAVE_TE:
+    VARIANTS.update(TE_VARIANTS)
 SCALARS = ("loss", "logps/chosen", "logps/rejected", "rewards/margins")
 
 
@@ -87,6 +100,13 @@ def write_pairs(path: Path, n: int = 64, seed: int = 0) -> None:
             row = {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
             row["weight"] = rng.choice([0.5, 1.0, 2.0])
             f.write(json.dumps(row) + "\n")
+
+
+def local_name(name: str) -> str:
+    """A parameter's name in the local spec: TE's spec fuses each pre-norm into the next linear
+    (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``); same tensors."""
+    name = name.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
+    return name.replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
 
 
 def _config(name: str, data: str):
@@ -118,7 +138,7 @@ def train_variant(name: str, data: str, out: Path) -> None:
 
     trainer = Trainer(_config(name, data))
     trainer.setup()
-    params = {n: p for chunk in trainer.model for n, p in chunk.named_parameters()}
+    params = {local_name(n): p for chunk in trainer.model for n, p in chunk.named_parameters()}
     init = out / "init.pt"
     if init.exists():
         weights = torch.load(init)
@@ -137,7 +157,11 @@ def train_variant(name: str, data: str, out: Path) -> None:
 
     steps = [trainer.step(grab if i == 0 else None) for i in range(STEPS)]
     parallel.destroy_model_parallel()
-    torch.save({"device": device, "steps": steps, "grads": grads}, out / f"{name}.pt")
+    from megatron_simpo.model import attention_label
+
+    record = {"device": device, "steps": steps, "grads": grads}
+    record["attention"] = attention_label(trainer.cfg)
+    torch.save(record, out / f"{name}.pt")
 
 
 def _worker(out: Path, data: str, names: list[str], cuda: bool) -> subprocess.CompletedProcess:
@@ -222,6 +246,32 @@ def test_fused_loss_head_matches_materialised_on_cuda(runs, precision):
 def test_packed_rows_match_padded_on_cuda(runs, precision):
     tol = FP32 if precision == "fp32" else BF16
     _check(runs[f"{precision}_packed"], runs[f"{precision}_sdpa"], **tol)
+
+
+needs_te = pytest.mark.skipif(not HAVE_TE, reason="needs Transformer Engine")
+
+
+@needs_te
+def test_te_steps_match_the_fp32_cpu_reference(runs):
+    assert runs["bf16_te"]["attention"] == "te"
+    _check(runs["bf16_te"], runs["cpu_reference"], **BF16)
+
+
+@needs_te
+def test_te_thd_packing_matches_te_padded(runs):
+    """Packed pairs through TE's fused attention as THD sequences (cu_seqlens) against the same
+    pairs padded, both bf16 on TE: BF16's bounds (the packed layout changes the flash kernel's
+    tiling, i.e. which bf16 roundings happen, not what is summed); a span boundary in the wrong
+    place leaks across sequences, which moved the gradients by 1.0 of their scale (see BF16)."""
+    assert runs["bf16_te_thd"]["attention"] == "te/thd"
+    _check(runs["bf16_te_thd"], runs["bf16_te"], **BF16)
+    _check(runs["bf16_te_thd"], runs["cpu_reference"], **BF16)
+
+
+@needs_te
+def test_defaults_on_te_pack_as_thd_and_match_the_reference(runs):
+    assert runs["bf16_defaults"]["attention"] == "te/thd"
+    _check(runs["bf16_defaults"], runs["cpu_reference"], **BF16)
 
 
 def test_cuda_vocab_parallel_logprobs_match_cpu():
