@@ -26,14 +26,15 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron_simpo.errors import ConfigError
 from megatron_simpo.packed_seq import thd_allowed
 
-BACKENDS = ("auto", "sdpa", "local", "te")
+BACKENDS = ("auto", "sdpa", "local", "te", "flex")
 
 
 def resolve_attention_backend(requested: str, te_available: bool) -> str:
-    """The attention backend to build: ``sdpa``, ``local`` or ``te``.
+    """The attention backend to build: ``sdpa``, ``local``, ``te`` or ``flex``
+    (``flex_attention.py``; whether it works here is ``model.run_attention_backend``'s check).
 
     Args:
-        requested: ``--attention-backend`` (``auto``, ``sdpa``, ``local`` or ``te``).
+        requested: ``--attention-backend`` (``auto``, ``sdpa``, ``local``, ``te`` or ``flex``).
         te_available: Transformer Engine importable and CUDA present.
     """
     if requested not in BACKENDS:

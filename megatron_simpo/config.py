@@ -358,10 +358,12 @@ class TrainConfig:
     """How layers are grouped for full recompute."""
     recompute_num_layers: int | None = None
     """Layers per recompute group (full recompute)."""
-    attention_backend: Literal["auto", "sdpa", "local", "te"] = "auto"
+    attention_backend: Literal["auto", "sdpa", "local", "te", "flex"] = "auto"
     """Core attention: 'te' (Transformer Engine), 'sdpa' (torch scaled_dot_product_attention,
-    fused kernels, no TE needed), 'local' (Megatron's unfused reference); 'auto' is te when TE
-    is installed and CUDA present, else sdpa."""
+    fused kernels, no TE needed), 'flex' (SDPA, with prefix-shared rows through torch
+    FlexAttention block masks; CUDA), 'local' (Megatron's unfused reference); 'auto' is te when
+    TE is installed and CUDA present, else sdpa; with --prefix-sharing, flex on CUDA where it
+    works, else sdpa with the dense mask (the reason is logged)."""
     fused_loss_head: bool | None = None
     """Compute the output layer and the vocab-parallel log-probs together, chunk by chunk of
     tokens (recomputed in backward), never materialising the [tokens x vocab/TP] logits. Default

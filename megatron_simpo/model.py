@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -42,6 +43,8 @@ from megatron.core.transformer.transformer_block import (
 from megatron_simpo import parallel
 from megatron_simpo.attention import SDPAttention, resolve_attention_backend
 from megatron_simpo.config import RunConfig
+from megatron_simpo.errors import ConfigError
+from megatron_simpo.flex_attention import FlexAttention, flex_unavailable_reason
 from megatron_simpo.fused_logprobs import HiddenStatesGPTModel
 
 # Megatron-Core's RotaryEmbedding applies Llama-3 scaling with these fixed constants; other values
@@ -245,7 +248,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
 def _layer_spec(backend: str, qk_layernorm: bool = False) -> tuple[ModuleSpec, type | None]:
     """The per-layer spec and the final-norm module (None: let Megatron pick).
 
-    ``backend`` is a resolved ``--attention-backend``: ``te``, ``sdpa`` or ``local``;
+    ``backend`` is a resolved ``--attention-backend``: ``te``, ``sdpa``, ``flex`` or ``local``;
     ``qk_layernorm``: an RMSNorm over each query and key head (the family's layer option).
     """
     if backend == "te":
@@ -262,8 +265,9 @@ def _layer_spec(backend: str, qk_layernorm: bool = False) -> tuple[ModuleSpec, t
     if qk_layernorm:
         attention = spec.submodules.self_attention.submodules
         attention.q_layernorm = attention.k_layernorm = HeadRMSNorm
-    if backend == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if backend in ("sdpa", "flex"):
+        core = FlexAttention if backend == "flex" else SDPAttention
+        spec.submodules.self_attention.submodules.core_attention = core
     return spec, SequenceParallelRMSNorm
 
 
@@ -300,22 +304,38 @@ def run_attention_backend(cfg: RunConfig) -> str:
     """The resolved ``--attention-backend`` of this process (``te``, ``sdpa`` or ``local``).
 
     ``auto`` is TE where it and CUDA are present, except with ``--prefix-sharing``: its mask is
-    not causal per sequence, which TE's THD path cannot express, so the SDPA spec takes it.
-    Plain packing (``--pack-pairs``) stays on TE, as THD sequences (``packed_seq.py``).
+    not causal per sequence, which TE's THD path cannot express, so FlexAttention's block mask
+    takes it where that works (``flex_attention.py``), else SDPA's dense mask
+    (:func:`prefix_sharing_attention` says why). Plain packing (``--pack-pairs``) stays on TE, as
+    THD sequences (``packed_seq.py``).
     """
+    return prefix_sharing_attention(cfg)[0]
+
+
+def prefix_sharing_attention(cfg: RunConfig) -> tuple[str, str | None]:
+    """:func:`run_attention_backend` and, where ``auto`` with ``--prefix-sharing`` could not take
+    FlexAttention, why (None otherwise)."""
+    t = cfg.train
     te = have_transformer_engine() and torch.cuda.is_available()
-    return resolve_attention_backend(
-        cfg.train.attention_backend, te and not cfg.train.prefix_sharing
-    )
+    if t.attention_backend == "flex" or (t.attention_backend == "auto" and t.prefix_sharing):
+        why = flex_unavailable_reason(
+            cuda=torch.cuda.is_available(), recompute=t.recompute_granularity is not None
+        )
+        if why is None:
+            return "flex", None
+        if t.attention_backend == "flex":
+            raise ConfigError(f"--attention-backend flex: {why}; use --attention-backend sdpa")
+        return "sdpa", why
+    return resolve_attention_backend(t.attention_backend, te and not t.prefix_sharing), None
 
 
 def attention_label(cfg: RunConfig) -> str:
     """The attention backend of a run and, with packed rows, how they reach it (for reports):
-    ``te``, ``te/thd``, ``sdpa``, ``sdpa/mask``, ``local/mask``."""
+    ``te``, ``te/thd``, ``sdpa``, ``sdpa/mask``, ``flex/block``, ``local/mask``."""
     backend = run_attention_backend(cfg)
     if not (cfg.train.pack_pairs or cfg.train.prefix_sharing):
         return backend
-    return f"{backend}/{'thd' if backend == 'te' else 'mask'}"
+    return f"{backend}/{ {'te': 'thd', 'flex': 'block'}.get(backend, 'mask') }"
 
 
 def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
@@ -323,7 +343,9 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
 
     Must run after :func:`megatron_simpo.parallel.initialize`.
     """
-    backend = run_attention_backend(cfg)
+    backend, fallback = prefix_sharing_attention(cfg)
+    if fallback and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"attention: sdpa with the dense prefix-sharing mask (FlexAttention: {fallback})")
     if use_te is not None:  # callers that only need the weights (export) may force a spec
         backend = "te" if use_te else ("local" if backend == "te" else backend)
     tconf = transformer_config(cfg)
@@ -368,8 +390,8 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
         if cfg.train.fused_loss_head:
             model.loss_chunk_size = cfg.train.loss_chunk_size
         # How packed rows reach the attention (megatron_simpo/step.py): TE takes THD sequences
-        # (PackedSeqParams), the local specs an explicit mask.
-        model.packed_seq_format = "thd" if backend == "te" else "mask"
+        # (PackedSeqParams), FlexAttention a block mask, the other local specs a dense mask.
+        model.packed_seq_format = {"te": "thd", "flex": "block"}.get(backend, "mask")
         chunks.append(model)
     return chunks
 

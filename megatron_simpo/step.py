@@ -23,6 +23,7 @@ from megatron_simpo.data.packing import (
     check_attention_supports_mask,
     per_sequence_rope,
 )
+from megatron_simpo.flex_attention import block_mask_from
 from megatron_simpo.fused_logprobs import HiddenStatesGPTModel
 from megatron_simpo.model import model_device, unwrap
 
@@ -50,7 +51,9 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
             if id(model) not in checked:
                 check_attention_supports_mask(model)
                 checked.add(id(model))
-            mask = attention_mask_from(batch["segment_ids"], batch["branch_ids"])
+            # FlexAttention models take a block mask (the rule, per tile), others a dense one.
+            build = block_mask_from if packed_format(model) == "block" else attention_mask_from
+            mask = build(batch["segment_ids"], batch["branch_ids"])
             with per_sequence_rope(model, batch["position_ids"]):
                 output = model(batch["tokens"], batch["position_ids"], mask)
         else:
@@ -62,10 +65,15 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
     return forward_step
 
 
+def packed_format(model) -> str:
+    """How ``model`` takes packed rows (set by ``model.build_model``): ``thd`` (Transformer
+    Engine: THD sequences), ``block`` (FlexAttention block mask) or ``mask`` (dense mask)."""
+    return getattr(unwrap(model), "packed_seq_format", "mask")
+
+
 def thd_packed(model) -> bool:
-    """Whether ``model`` takes packed rows as THD sequences (Transformer Engine) rather than with
-    an explicit mask (set by ``model.build_model``)."""
-    return getattr(unwrap(model), "packed_seq_format", "mask") == "thd"
+    """Whether ``model`` takes packed rows as THD sequences (Transformer Engine)."""
+    return packed_format(model) == "thd"
 
 
 def run_forward_backward(

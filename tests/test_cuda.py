@@ -6,7 +6,9 @@ pair weights 0.5/1/2), three SimPO training steps of a small GQA Llama are run:
 
 * the **fp32 CPU reference**: a process with CUDA hidden (gloo, Megatron's local attention);
 * on CUDA (NCCL, one process): fp32 with local attention, SDPA, the fused loss head and packed
-  rows, and bf16 with SDPA, the fused head and packed rows.
+  rows, and bf16 with SDPA, the fused head and packed rows; prefix-shared rows through the
+  compiled FlexAttention block mask (fp32, bf16); with Transformer Engine installed, bf16 on TE
+  padded, TE packed as THD sequences (``PackedSeqParams``) and the defaults (TE + THD).
 
 Then: CUDA fp32 matches the CPU reference closely (device parity); bf16 matches it within bf16
 rounding; SDPA matches local attention; the fused head matches the materialised one; packed rows
@@ -81,6 +83,10 @@ TE_VARIANTS = {
 }
 if HAVE_TE:
     VARIANTS.update(TE_VARIANTS)
+#: Prefix-shared pairs through FlexAttention's block mask (compiled; gradients on CUDA only).
+FLEX = {**SDPA, "attention_backend": "flex", "prefix_sharing": True}
+VARIANTS["fp32_flex_prefix"] = {"precision": "fp32", **FLEX}
+VARIANTS["bf16_flex_prefix"] = {"precision": "bf16", **FLEX}
 SCALARS = ("loss", "logps/chosen", "logps/rejected", "rewards/margins")
 
 
@@ -189,11 +195,20 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     return res
 
 
-def _check(got: dict, ref: dict, scalar_atol: float, grad_rtol: float, later_atol: float) -> None:
+def _check(
+    got: dict,
+    ref: dict,
+    scalar_atol: float,
+    grad_rtol: float,
+    later_atol: float,
+    fewer_tokens: bool = False,
+) -> None:
     """Step-1 metrics and gradients (same weights, same batch), then the losses of the later
     steps (after Adam updates)."""
     g1, r1 = got["steps"][0], ref["steps"][0]
-    assert g1["pairs"] == r1["pairs"] == 16 and g1["tokens"] == r1["tokens"]
+    assert g1["pairs"] == r1["pairs"] == 16
+    # Prefix sharing computes each prompt once: fewer tokens than the same pairs padded.
+    assert (g1["tokens"] < r1["tokens"]) if fewer_tokens else (g1["tokens"] == r1["tokens"])
     for key in SCALARS:
         assert math.isfinite(g1[key]) and abs(g1[key] - r1[key]) <= scalar_atol, (key, g1, r1)
     assert abs(g1["grad_norm"] - r1["grad_norm"]) <= grad_rtol * r1["grad_norm"], (g1, r1)
@@ -272,6 +287,16 @@ def test_te_thd_packing_matches_te_padded(runs):
 def test_defaults_on_te_pack_as_thd_and_match_the_reference(runs):
     assert runs["bf16_defaults"]["attention"] == "te/thd"
     _check(runs["bf16_defaults"], runs["cpu_reference"], **BF16)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_flex_prefix_sharing_matches_padded_on_cuda(runs, precision):
+    """Prefix-shared pairs (prompt once, rejected not seeing chosen) through the compiled
+    FlexAttention block mask against the same pairs padded: the fp32/bf16 bounds of packed vs
+    padded (the same sums over other tiles; a leak of chosen into rejected is O(1))."""
+    assert runs[f"{precision}_flex_prefix"]["attention"] == "flex/block"
+    tol = FP32 if precision == "fp32" else BF16
+    _check(runs[f"{precision}_flex_prefix"], runs[f"{precision}_sdpa"], **tol, fewer_tokens=True)
 
 
 def test_cuda_vocab_parallel_logprobs_match_cpu():
