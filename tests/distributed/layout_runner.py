@@ -131,6 +131,7 @@ def objective_sweep(trainer: Trainer, out: Path) -> dict[str, dict[str, float]]:
         results[key] = reduce_reports(reports, loss_cfg)
     for chunk in trainer.model:
         chunk.zero_grad_buffer()
+    moe.reset_aux_loss()  # nothing of the sweep reaches step 1's metrics
     return results
 
 
