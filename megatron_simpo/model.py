@@ -289,7 +289,8 @@ def rope_inv_freq(cfg: RunConfig) -> torch.Tensor:
 
 
 def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
-    """Builds this rank's model chunks (one per virtual pipeline stage) on :func:`model_device`.
+    """Builds this rank's model chunks (one per virtual pipeline stage) on :func:`model_device`,
+    with LoRA/DoRA adapters (base frozen) when ``--lora-rank`` is set.
 
     Must run after :func:`megatron_simpo.parallel.initialize`.
     """
@@ -302,6 +303,10 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
     )
     if use_te is not None:  # callers that only need the weights (export) may force a spec
         backend = "te" if use_te else ("local" if backend == "te" else backend)
+    lora = cfg.lora.lora_rank is not None
+    if lora and backend == "te":
+        # TE fuses the norm into the QKV / fc1 linears: an adapter needs the normalised input.
+        backend = "sdpa"
     tconf = transformer_config(cfg)
     layer_spec, final_norm = _layer_spec(backend, cfg.model.qk_layernorm)
     # With the fused loss head the last stage returns final hidden states; the loss function
@@ -344,6 +349,10 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
         if cfg.train.fused_loss_head:
             model.loss_chunk_size = cfg.train.loss_chunk_size
         chunks.append(model)
+    if lora:  # as parallelism is: applied to the built model, base weights frozen
+        from megatron_simpo.adapters import apply_adapters
+
+        apply_adapters(chunks, cfg.lora, cfg.train.seed)
     return chunks
 
 
