@@ -72,6 +72,11 @@ class Adapter(torch.nn.Module):
         self.lora_B = torch.nn.Parameter(torch.zeros(out_features, rank, **kw))
         self.lora_magnitude = torch.nn.Parameter(torch.ones(out_features, **kw)) if dora else None
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B A x`` ``[..., out]``. Called as a module, so that Megatron DDP's forward
+        pre-hooks (the overlapped parameter all-gather of the distributed optimizer) see it."""
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
 
 class Adapters(torch.nn.Module):
     """The adapters of one Megatron linear: one :class:`Adapter` per adapted HF projection.
@@ -132,7 +137,7 @@ class Adapters(torch.nn.Module):
         out, dropped = {}, x
         for name, a in self.parts.items():
             dropped = self._drop(x)
-            out[name] = self.scaling * F.linear(F.linear(dropped, a.lora_A), a.lora_B)
+            out[name] = self.scaling * a(dropped)
         return out, dropped
 
     @torch.no_grad()

@@ -244,6 +244,7 @@ def load_checkpoint(
             f"{str(e)[:500]}); check the model config and vocabulary"
         ) from e
     _refuse_missing(ckpt, [k for k in absent if needed(k)])
+    info["lacked"] = sorted(k for k in absent if may_lack and may_lack(k))
     for key, chunk in zip([k for k in state if k.startswith("model")], model):
         result = unwrap(chunk).load_state_dict(loaded[key], strict=False)
         missing = [k for k in result.missing_keys if select is None or select(k)]

@@ -138,9 +138,13 @@ class Trainer:
             # the adapters); the adapters come from an adapter-only checkpoint, if any.
             base, source = lora_sources(cfg, source)
             self.lora_base = base or ""
+            lacked = True  # no base checkpoint: the adapters are fresh
             if base:
-                checkpointing.load_checkpoint(base, chunks, may_lack=checkpointing.is_adapter_key)
-            if source is None:
+                info = checkpointing.load_checkpoint(
+                    base, chunks, may_lack=checkpointing.is_adapter_key
+                )
+                lacked = bool(info["lacked"])
+            if source is None and lacked:
                 init_magnitudes(chunks)
             select = checkpointing.is_adapter_key
         self.model = wrap_ddp(chunks, cfg)
