@@ -129,11 +129,14 @@ def peft_to_mcore(peft_dir: str | Path, base: str | Path, save: str | Path) -> P
     from safetensors.torch import load_file
 
     from megatron_simpo import checkpointing, parallel
-    from megatron_simpo.cli import checkpoint_model_config
     from megatron_simpo.model import build_model
 
     cfg = RunConfig()
-    cfg.model = checkpoint_model_config(str(base))
+    ckpt = checkpointing.checkpoint_dir(base)
+    saved = checkpointing.read_run_state(ckpt).get("config", {}).get("model") if ckpt else None
+    if not saved:
+        raise CheckpointError(f"{base}: no converted base checkpoint (with its model config) there")
+    cfg.model = ModelConfig(**saved)
     cfg.lora = lora_config_of_peft(peft_dir)
     cfg.train.precision = "fp32"
     cfg.train.load = str(base)
