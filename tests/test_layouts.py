@@ -76,7 +76,8 @@ def test_lora_trains_only_the_adapters(matrix, name):
     optimizer state (the distributed optimizer: the DP shards of the adapters add up to them)."""
     counts = json.loads((matrix["_out"] / name / "metrics.json").read_text())["counts"]
     for c in counts:
-        assert 0 < c["trainable"] < c["total"] / 20
+        # Rank-4 adapters on a hidden-32 model are ~20% of it (at 7B, rank 16: ~0.6%).
+        assert 0 < c["adapters"] == c["trainable"] < c["total"] / 3
         assert c["buffered"] == c["trainable"]
     dp = counts[0]["dp"]
     distopt = LAYOUTS[name].parallel.get("use_distributed_optimizer", False)

@@ -158,6 +158,9 @@ def counts_of(trainer: Trainer) -> dict[str, int]:
     return {
         "total": sum(p.numel() for p in params),
         "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "adapters": sum(
+            p.numel() for c in trainer.model for n, p in c.named_parameters() if ".lora." in n
+        ),
         "buffered": sum(
             p.numel() for chunk in trainer.model for b in chunk.buffers for p in b.params
         ),
