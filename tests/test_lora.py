@@ -107,6 +107,20 @@ def test_adapter_training_resume_and_export(tmp_path):
     assert len(full) == 4 and first + rest == full
     assert full[0] != full[3]
 
+    # The iteration-2 adapter checkpoint resumed at TP2 (--load names it; its base comes from
+    # it): the remaining steps as uninterrupted, to fp32 reduction order (printed to 4 places).
+    res = torchrun(
+        2,
+        ["-m", "megatron_simpo", "train", *TRAIN, "--tensor-model-parallel-size", "2"]
+        + ["--load", str(part / "iter_0000002"), "--save", str(tmp_path / "tp2")],
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    tp2 = _losses(res.stdout)
+    assert len(tp2) == 2
+    for (loss, gnorm), (ref_loss, ref_gnorm) in zip(tp2, full[2:]):
+        assert abs(float(loss) - float(ref_loss)) <= 2e-4
+        assert abs(float(gnorm) - float(ref_gnorm)) <= 2e-3
+
     # Adapter-only: no base tensor in the checkpoint; it names its base.
     ckpt = part / "iter_0000004"
     state = json.loads((ckpt / "run_state.json").read_text())
