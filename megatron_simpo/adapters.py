@@ -247,7 +247,12 @@ def _modules(chunk: torch.nn.Module) -> Iterable[tuple[int, str, torch.nn.Module
         for name in MODULES:
             module = layer
             for part in name.split("."):
-                module = getattr(module, part)
+                module = getattr(module, part, None)
+            if module is None:  # e.g. an MoE layer's experts in place of linear_fc1 / fc2
+                raise ConfigError(
+                    f"--lora-rank: layer {layer.layer_number} has no {name} (an MoE layer?); "
+                    "adapters on experts are not supported yet"
+                )
             yield layer.layer_number - 1, name, module
 
 

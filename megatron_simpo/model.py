@@ -39,7 +39,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from megatron_simpo import parallel
+from megatron_simpo import moe, parallel
 from megatron_simpo.attention import SDPAttention, resolve_attention_backend
 from megatron_simpo.config import RunConfig
 from megatron_simpo.fused_logprobs import HiddenStatesGPTModel
@@ -226,7 +226,10 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         variable_seq_lengths=variable,
         # Inert without experts, but Megatron-Core refuses variable_seq_lengths next to its
         # default MoE dispatcher ("allgather") even in a dense model.
-        **({"moe_token_dispatcher_type": "alltoall"} if variable else {}),
+        **{
+            **({"moe_token_dispatcher_type": "alltoall"} if variable else {}),
+            **moe.transformer_fields(cfg, grouped_gemm=use_grouped_gemm(cfg)),
+        },
         use_cpu_initialization=not cuda,
         recompute_granularity=t.recompute_granularity,
         recompute_method=t.recompute_method,
@@ -234,20 +237,41 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
     )
 
 
-def _layer_spec(backend: str, qk_layernorm: bool = False) -> tuple[ModuleSpec, type | None]:
+def use_grouped_gemm(cfg: RunConfig) -> bool:
+    """MoE experts as Transformer Engine's grouped GEMM: where TE and CUDA are present (the
+    local spec's ``SequentialMLP`` otherwise, e.g. on the CPU)."""
+    return (
+        cfg.model.num_experts is not None
+        and torch.cuda.is_available()
+        and have_transformer_engine()
+        and cfg.train.attention_backend in ("auto", "te")
+    )
+
+
+def _layer_spec(
+    backend: str,
+    qk_layernorm: bool = False,
+    num_experts: int | None = None,
+    grouped_gemm: bool = False,
+) -> tuple[ModuleSpec, type | None]:
     """The per-layer spec and the final-norm module (None: let Megatron pick).
 
     ``backend`` is a resolved ``--attention-backend``: ``te``, ``sdpa`` or ``local``;
-    ``qk_layernorm``: an RMSNorm over each query and key head (the family's layer option).
+    ``qk_layernorm``: an RMSNorm over each query and key head (the family's layer option);
+    ``num_experts``: Megatron-Core's MoE layer instead of the dense MLP, its experts TE's
+    grouped GEMM with ``grouped_gemm`` (TE spec only), a ``SequentialMLP`` otherwise.
     """
+    moe_args = {"num_experts": num_experts, "moe_grouped_gemm": grouped_gemm}
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm), None
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm, **moe_args)
+        return spec, None
+    moe_args["moe_grouped_gemm"] = False  # the local spec's grouped MLP needs TE or a GPU
     spec = copy.deepcopy(
-        get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+        get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm, **moe_args)
     )
     spec.submodules.input_layernorm = SequenceParallelRMSNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
@@ -308,7 +332,11 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
         # TE fuses the norm into the QKV / fc1 linears: an adapter needs the normalised input.
         backend = "sdpa"
     tconf = transformer_config(cfg)
-    layer_spec, final_norm = _layer_spec(backend, cfg.model.qk_layernorm)
+    # TE's grouped GEMM only with the TE spec (e.g. packed rows choose sdpa even with TE).
+    tconf.moe_grouped_gemm = backend == "te" and tconf.moe_grouped_gemm
+    layer_spec, final_norm = _layer_spec(
+        backend, cfg.model.qk_layernorm, cfg.model.num_experts, tconf.moe_grouped_gemm
+    )
     # With the fused loss head the last stage returns final hidden states; the loss function
     # applies the output layer's weight chunk by chunk (megatron_simpo/fused_logprobs.py).
     model_cls = HiddenStatesGPTModel if cfg.train.fused_loss_head else GPTModel
@@ -349,6 +377,7 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
         if cfg.train.fused_loss_head:
             model.loss_chunk_size = cfg.train.loss_chunk_size
         chunks.append(model)
+    moe.prepare_routers(chunks)
     if lora:  # as parallelism is: applied to the built model, base weights frozen
         from megatron_simpo.adapters import apply_adapters
 

@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_simpo import batch_loss
+from megatron_simpo import batch_loss, moe
 from megatron_simpo.batch_loss import reduce_reports
 from megatron_simpo.config import LossConfig
 from megatron_simpo.data.packing import (
@@ -35,16 +35,20 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
 
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+        core = unwrap(model)
+        # MoE: padding stays out of the router's load-balancing loss.
+        moe_kwargs = (
+            {"padding_mask": moe.padding_mask(batch, core)} if core.config.num_moe_experts else {}
+        )
         if "segment_ids" in batch:  # packed rows: block-diagonal mask, per-sequence RoPE
             if id(model) not in checked:
                 check_attention_supports_mask(model)
                 checked.add(id(model))
             mask = attention_mask_from(batch["segment_ids"], batch["branch_ids"])
             with per_sequence_rope(model, batch["position_ids"]):
-                output = model(batch["tokens"], batch["position_ids"], mask)
+                output = model(batch["tokens"], batch["position_ids"], mask, **moe_kwargs)
         else:
-            output = model(batch["tokens"], batch["position_ids"], None)
-        core = unwrap(model)
+            output = model(batch["tokens"], batch["position_ids"], None, **moe_kwargs)
         head = core if isinstance(core, HiddenStatesGPTModel) else None
         return output, partial(batch_loss.loss_func, loss_cfg, vocab_size, batch, head=head)
 
@@ -86,7 +90,8 @@ def train_step(
     after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Forward, backward, optimizer step; returns the reduced metrics, ``grad_norm``, ``lr``,
-    ``update_ok`` and, with fp16's dynamic loss scaling, ``loss_scale``.
+    ``update_ok``, with fp16's dynamic loss scaling ``loss_scale`` and for a mixture of experts
+    with an aux loss ``moe/aux_loss``.
 
     ``after_backward`` runs once gradients are final (reduced over DP, divided by the global
     pair count) and before the optimizer touches them (tests use it to export gradients).
@@ -94,10 +99,14 @@ def train_step(
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    config = unwrap(model[0]).config
+    if config.num_moe_experts:
+        moe.reset_aux_loss()
     reports = run_forward_backward(model, micro_batches, seq_len, loss_cfg, vocab_size)
+    aux = moe.aux_loss_metrics(config, len(micro_batches))  # before anything else runs forward
     if after_backward is not None:
         after_backward()
-    metrics = reduce_reports(reports, loss_cfg)
+    metrics = reduce_reports(reports, loss_cfg) | aux
     lr = optimizer.param_groups[0]["lr"]
     update_ok, grad_norm = False, None
     # A non-finite loss or gradient must never reach the weights (or Adam's moments): skip the

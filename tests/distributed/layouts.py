@@ -85,6 +85,12 @@ DORA = {
     "lora_target": "q_proj,v_proj,proj,up_proj,fc2",
     "dora": True,
 }
+#: Mixtral: 4 experts, top-2 (Megatron-Core's MoE layer, alltoall dispatcher), with the router's
+#: load-balancing loss at a weight that moves the gradient (0.1; its gradient path through
+#: every layout, padding masked out of it).
+MIXTRAL = {"model_type": "mixtral", "num_experts": 4, "num_experts_per_tok": 2}
+AUX = {"moe_aux_loss_coeff": 0.1}
+EP2 = {"expert_model_parallel_size": 2}
 PP2 = {"pipeline_model_parallel_size": 2}
 TP2_PP2 = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
 TP2_DP2_SP_DISTOPT = {
@@ -144,6 +150,24 @@ LAYOUTS: dict[str, Layout] = {
     "tp2_dp2_sp_distopt_lora": Layout(4, "tp1_lora", TP2_DP2_SP_DISTOPT, lora=LORA),
     "tp1_dora": Layout(1, None, {}, lora=DORA),
     "tp2_pp2_dora": Layout(4, "tp1_dora", TP2_PP2, lora=DORA),
+    # Mixture of experts: experts split over 2 EP ranks (dense layers data-parallel over them);
+    # with TP2 + SP and whole experts (ETP1); with a 2-stage pipeline (the aux loss of stage 1's
+    # layers reaches the same optimizer step).
+    "tp1_mixtral": Layout(1, None, {}, AUX, model=MIXTRAL),
+    "ep2_mixtral": Layout(2, "tp1_mixtral", EP2, AUX, model=MIXTRAL),
+    "ep2_tp2_etp1_mixtral": Layout(
+        4,
+        "tp1_mixtral",
+        {
+            **EP2,
+            "tensor_model_parallel_size": 2,
+            "sequence_parallel": True,
+            "expert_tensor_parallel_size": 1,
+        },
+        AUX,
+        model=MIXTRAL,
+    ),
+    "ep2_pp2_mixtral": Layout(4, "tp1_mixtral", {**EP2, **PP2}, AUX, model=MIXTRAL),
 }
 
 
