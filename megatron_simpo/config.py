@@ -394,10 +394,12 @@ class TrainConfig:
     """How layers are grouped for full recompute."""
     recompute_num_layers: int | None = None
     """Layers per recompute group (full recompute)."""
-    attention_backend: Literal["auto", "sdpa", "local", "te"] = "auto"
+    attention_backend: Literal["auto", "sdpa", "local", "te", "flex"] = "auto"
     """Core attention: 'te' (Transformer Engine), 'sdpa' (torch scaled_dot_product_attention,
-    fused kernels, no TE needed), 'local' (Megatron's unfused reference); 'auto' is te when TE
-    is installed and CUDA present, else sdpa."""
+    fused kernels, no TE needed), 'flex' (SDPA, with prefix-shared rows through torch
+    FlexAttention block masks; CUDA), 'local' (Megatron's unfused reference); 'auto' is te when
+    TE is installed and CUDA present, else sdpa; with --prefix-sharing, flex on CUDA where it
+    works, else sdpa with the dense mask (the reason is logged)."""
     fused_loss_head: bool | None = None
     """Compute the output layer and the vocab-parallel log-probs together, chunk by chunk of
     tokens (recomputed in backward), never materialising the [tokens x vocab/TP] logits. Default
@@ -408,12 +410,13 @@ class TrainConfig:
     """Tokens per chunk of the fused loss head (peak extra memory ~ chunk x vocab/TP x 4 bytes)."""
     pack_pairs: bool | None = None
     """Pack several pairs per row up to --seq-length, first-fit-decreasing. Default (unset): on
-    with the sdpa and local attention backends, off with Transformer Engine (no packed mask path
-    yet); --no-pack-pairs turns it off."""
+    with every attention backend (sdpa/local: an explicit block mask; Transformer Engine: THD
+    sequences through PackedSeqParams); --no-pack-pairs turns it off."""
     prefix_sharing: bool | None = None
     """One row per pair: [prompt | chosen | rejected], rejected attends to the prompt, not to
-    chosen. Default (unset): on where --pack-pairs is (same backends); --no-prefix-sharing turns
-    it off."""
+    chosen. Default (unset): on with the sdpa and local backends, off with Transformer Engine
+    (its THD path is causal per sequence; pairs are packed without sharing there);
+    --no-prefix-sharing turns it off."""
     load: str | None = None
     """Checkpoint directory to start from (weights; optimizer and iteration if present)."""
     save: str | None = None
@@ -716,13 +719,14 @@ class RunConfig:
         if p.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         self._validate_moe()
-        if (t.pack_pairs or t.prefix_sharing) and t.attention_backend == "te":
-            # Packed rows need an explicit block mask (megatron_simpo/data/packing.py). Only an
-            # explicit --pack-pairs / --prefix-sharing gets here: unset, they resolve to off
-            # with TE (megatron_simpo/defaults.py).
+        if t.prefix_sharing and t.attention_backend == "te":
+            # Prefix-shared rows need a mask that is not causal per sequence, which TE's THD
+            # path cannot express (packed_seq.py). Only an explicit --prefix-sharing gets here:
+            # unset, it resolves to off with TE (megatron_simpo/defaults.py); --pack-pairs is
+            # fine (THD sequences).
             raise ConfigError(
-                "--pack-pairs / --prefix-sharing need --attention-backend sdpa or local "
-                "(or drop them: with TE they default to off)"
+                "--prefix-sharing needs --attention-backend sdpa or local (or drop it: with TE "
+                "it defaults to off and pairs are packed as THD sequences)"
             )
         if m.rope_scaling is not None:
             kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
