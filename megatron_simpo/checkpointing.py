@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,23 @@ def _refuse_missing(ckpt: Path, missing: list[str]) -> None:
         )
 
 
-def _model_state(model: list) -> dict[str, Any]:
+def _model_state(model: list, select: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """The chunks' sharded state dicts (only the keys ``select`` accepts, if given)."""
     sync_params(model)  # --overlap-param-gather: the step's all-gather completes here
+
+    def of(m) -> dict[str, Any]:
+        state = unwrap(m).sharded_state_dict()
+        return state if select is None else {k: v for k, v in state.items() if select(k)}
+
     if len(model) == 1:
-        return {"model": unwrap(model[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(model)}
+        return {"model": of(model[0])}
+    return {f"model{i}": of(m) for i, m in enumerate(model)}
+
+
+def is_adapter_key(key: str) -> bool:
+    """Whether a (sharded) state-dict key is a LoRA/DoRA adapter tensor
+    (``megatron_simpo/adapters.py`` keeps them under each linear's ``lora`` child)."""
+    return ".lora." in key
 
 
 def _barrier() -> None:
@@ -120,8 +133,12 @@ def save_checkpoint(
     scheduler=None,
     run_state: dict[str, Any] | None = None,
     keep_last: int | None = None,
+    adapter_only: bool = False,
 ) -> Path:
-    """Saves model (and optimizer/scheduler if given) at ``iteration``; collective."""
+    """Saves model (and optimizer/scheduler if given) at ``iteration``; collective.
+
+    ``adapter_only``: only the LoRA/DoRA tensors (the frozen base stays where ``--load`` has it;
+    its path is recorded as ``lora_base`` in the run state)."""
     root = Path(root)
     final = root / f"iter_{iteration:07d}"
     tmp = root / f"iter_{iteration:07d}.tmp"
@@ -131,7 +148,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    state = _model_state(model)
+    state = _model_state(model, is_adapter_key if adapter_only else None)
     if optimizer is not None:
         merged = {}
         for v in state.values():
@@ -145,7 +162,9 @@ def save_checkpoint(
     _barrier()
     if dist.get_rank() == 0:
         info = dict(run_state or {})
-        info.update(iteration=iteration, has_optimizer=optimizer is not None)
+        info.update(
+            iteration=iteration, has_optimizer=optimizer is not None, adapter_only=adapter_only
+        )
         (tmp / RUN_STATE).write_text(json.dumps(info, indent=1, default=str))
         if final.exists():
             shutil.rmtree(final)
@@ -179,17 +198,30 @@ def copy_hf_side_files(src: str | Path | None, root: str | Path) -> None:
 
 
 def load_checkpoint(
-    root: str | Path, model: list, optimizer=None, scheduler=None
+    root: str | Path,
+    model: list,
+    optimizer=None,
+    scheduler=None,
+    select: Callable[[str], bool] | None = None,
+    may_lack: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
     """Loads weights (and optimizer/scheduler state when the checkpoint has them and an
-    optimizer is given) into this layout; returns the checkpoint's run state."""
+    optimizer is given) into this layout; returns the checkpoint's run state.
+
+    ``select``: load only these keys (an adapter-only checkpoint: ``is_adapter_key``);
+    ``may_lack``: keys the checkpoint may lack, which keep their values (a base checkpoint
+    under LoRA lacks the adapters). Everything else is loaded strictly."""
     ckpt = checkpoint_dir(root)
     if ckpt is None:
         raise CheckpointError(
             f"--load {root}: no checkpoint there (neither {TRACKER} nor metadata.json)"
         )
     info = read_run_state(ckpt)
-    state = _model_state(model)
+    state = _model_state(model, select)
+
+    def needed(k: str) -> bool:
+        return not is_extra_state(k) and not (may_lack and may_lack(k))
+
     resume = optimizer is not None and info.get("has_optimizer", False)
     if resume:
         _init_torch_adam_states(optimizer)
@@ -211,10 +243,12 @@ def load_checkpoint(
             f"--load {ckpt}: the checkpoint does not match this model ({type(e).__name__}: "
             f"{str(e)[:500]}); check the model config and vocabulary"
         ) from e
-    _refuse_missing(ckpt, [k for k in absent if not is_extra_state(k)])
+    _refuse_missing(ckpt, [k for k in absent if needed(k)])
+    info["lacked"] = sorted(k for k in absent if may_lack and may_lack(k))
     for key, chunk in zip([k for k in state if k.startswith("model")], model):
         result = unwrap(chunk).load_state_dict(loaded[key], strict=False)
-        _refuse_missing(ckpt, [k for k in result.missing_keys if not is_extra_state(k)])
+        missing = [k for k in result.missing_keys if select is None or select(k)]
+        _refuse_missing(ckpt, [k for k in missing if needed(k)])
         if result.unexpected_keys:
             raise CheckpointError(
                 f"--load {ckpt}: entries {sorted(result.unexpected_keys)[:5]} do not belong to "

@@ -173,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m2h.add_argument("--tokenizer", help="tokenizer files to copy (default: recorded at import)")
     m2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors file")
+    m2h.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="a LoRA/DoRA checkpoint as a peft adapter (adapter_config.json + "
+        "adapter_model.safetensors) instead of merged into its base",
+    )
     plot = sub.add_parser(
         "plot", help="PNG dashboard of runs (loss, rewards, accuracy, lengths)", formatter_class=fmt
     )
@@ -309,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 tokenizer=args.tokenizer,
                 max_shard_size=args.max_shard_size,
+                adapter_only=args.adapter_only,
             )
             print(f"convert: wrote {out}")
             return 0

@@ -505,6 +505,65 @@ class LoggingConfig:
     """Generation probe: longest continuation generated."""
 
 
+#: ``--lora-target`` names: Megatron's module names and Hugging Face's projection names, each
+#: mapped to the HF projections (the per-projection adapters of a fused QKV / gate-up).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "proj": ("o_proj",),
+    "fc1": ("gate_proj", "up_proj"),
+    "fc2": ("down_proj",),
+    **{name: (name,) for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    **{name: (name,) for name in ("gate_proj", "up_proj", "down_proj")},
+}
+LORA_TARGETS["all"] = tuple(dict.fromkeys(p for v in LORA_TARGETS.values() for p in v))
+
+
+@dataclass
+class LoraConfig:
+    """LoRA / DoRA adapters on the frozen base (``megatron_simpo/adapters.py``)."""
+
+    lora_rank: int | None = None
+    """Rank of the LoRA adapters; set to train adapters only (the base is frozen). Unset: full
+    fine-tuning."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapter output is multiplied by alpha / rank (peft's
+    ``lora_alpha``)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (peft's ``lora_dropout``)."""
+    lora_target: str = "all"
+    """Comma-separated modules to adapt: qkv, proj, fc1, fc2 (Megatron) or q_proj, k_proj, v_proj,
+    o_proj, gate_proj, up_proj, down_proj (Hugging Face), or 'all'."""
+    dora: bool = False
+    """DoRA (weight-decomposed LoRA, peft's ``use_dora``): a trained magnitude per output row over
+    the direction of the merged weight."""
+
+    def hf_targets(self) -> tuple[str, ...]:
+        """The HF projections adapted (``--lora-target`` expanded), in model order."""
+        names = [t.strip() for t in self.lora_target.split(",") if t.strip()]
+        unknown = [t for t in names if t not in LORA_TARGETS]
+        if unknown or not names:
+            raise ConfigError(
+                f"--lora-target {self.lora_target!r}: unknown module(s) {unknown}; choose from "
+                + ", ".join(LORA_TARGETS)
+            )
+        chosen = {p for t in names for p in LORA_TARGETS[t]}
+        return tuple(p for p in LORA_TARGETS["all"] if p in chosen)
+
+    def validate(self) -> None:
+        """Checks the LoRA flags (nothing to check when --lora-rank is unset, except --dora)."""
+        if self.lora_rank is None:
+            if self.dora:
+                raise ConfigError("--dora needs --lora-rank R (DoRA is a LoRA variant)")
+            return
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise ConfigError(f"--lora-rank must be a positive integer, got {self.lora_rank!r}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        self.hf_targets()
+
+
 @dataclass
 class RunConfig:
     """The whole run."""
@@ -516,6 +575,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -683,6 +743,14 @@ class RunConfig:
             if missing:
                 raise ConfigError(f"model.rope_scaling lacks {sorted(missing)}")
         lo.validate()
+        self.lora.validate()
+        if self.lora.lora_rank is not None and t.attention_backend == "te":
+            # Transformer Engine's QKV / fc1 fuse the norm into the linear: the adapter would
+            # not see the normalised input.
+            raise ConfigError(
+                "--lora-rank: Transformer Engine's fused norm+linear modules are not supported "
+                "by the adapters; use --attention-backend sdpa or local"
+            )
         if t.keep_last is not None and t.keep_last < 1:
             raise ConfigError(f"--keep-last must be >= 1, got {t.keep_last}")
         if not isinstance(t.loss_chunk_size, int) or t.loss_chunk_size < 1:
@@ -761,6 +829,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "data": DataConfig,
     "logging": LoggingConfig,
+    "lora": LoraConfig,
 }
 
 

@@ -363,7 +363,8 @@ def attention_label(cfg: RunConfig) -> str:
 
 
 def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
-    """Builds this rank's model chunks (one per virtual pipeline stage) on :func:`model_device`.
+    """Builds this rank's model chunks (one per virtual pipeline stage) on :func:`model_device`,
+    with LoRA/DoRA adapters (base frozen) when ``--lora-rank`` is set.
 
     Must run after :func:`megatron_simpo.parallel.initialize`.
     """
@@ -372,6 +373,10 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
         print(f"attention: sdpa with the dense prefix-sharing mask (FlexAttention: {fallback})")
     if use_te is not None:  # callers that only need the weights (export) may force a spec
         backend = "te" if use_te else ("local" if backend == "te" else backend)
+    lora = cfg.lora.lora_rank is not None
+    if lora and backend == "te":
+        # TE fuses the norm into the QKV / fc1 linears: an adapter needs the normalised input.
+        backend = "sdpa"
     tconf = transformer_config(cfg)
     # TE's grouped GEMM only with the TE spec (e.g. packed rows choose sdpa even with TE).
     tconf.moe_grouped_gemm = backend == "te" and tconf.moe_grouped_gemm
@@ -422,6 +427,10 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
         model.packed_seq_format = {"te": "thd", "flex": "block"}.get(backend, "mask")
         chunks.append(model)
     moe.prepare_routers(chunks)
+    if lora:  # as parallelism is: applied to the built model, base weights frozen
+        from megatron_simpo.adapters import apply_adapters
+
+        apply_adapters(chunks, cfg.lora, cfg.train.seed)
     return chunks
 
 

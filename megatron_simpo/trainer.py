@@ -9,21 +9,71 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 
 from megatron_simpo import checkpointing, defaults, flops, parallel, report, run_control
+from megatron_simpo.adapters import finalize_model_grads as adapters_finalize
+from megatron_simpo.adapters import init_magnitudes
 from megatron_simpo.alarms import DriftMonitor
 from megatron_simpo.config import RunConfig
 from megatron_simpo.data import PairBatcher, Subset, pairs_for, split_heldout
 from megatron_simpo.data.batching import padding_for
-from megatron_simpo.errors import TrainingError
+from megatron_simpo.errors import CheckpointError, ConfigError, TrainingError
 from megatron_simpo.metrics import MetricsWriter, console_line, eval_line
 from megatron_simpo.model import build_model, model_dtype, wrap_ddp
 from megatron_simpo.optim import build_optimizer
 from megatron_simpo.step import train_step
+
+
+def lora_sources(cfg: RunConfig, source: str | None) -> tuple[str | None, str | None]:
+    """(base checkpoint, adapter-only checkpoint) of a LoRA run, each possibly None: ``--load``
+    is the base, or an adapter checkpoint that names its base; ``source`` (``--save`` when it
+    has a checkpoint) is an adapter checkpoint. Without ``--load`` the base is the seeded random
+    init (benchmarks; such adapters resume at the same layout only)."""
+    base, adapter = cfg.train.load, None
+    if base is not None:
+        info = checkpointing.read_run_state(checkpointing.checkpoint_dir(base) or Path(base))
+        if info.get("adapter_only"):
+            base, adapter = info.get("lora_base"), cfg.train.load
+    if source and source != cfg.train.load:
+        adapter = source
+    if adapter is not None:
+        check_adapter_checkpoint(cfg, adapter, base)
+    return base, adapter
+
+
+def check_adapter_checkpoint(cfg: RunConfig, adapter: str, base: str) -> None:
+    """One-line errors for an adapter checkpoint that does not fit this run."""
+    ckpt = checkpointing.checkpoint_dir(adapter)
+    info = checkpointing.read_run_state(ckpt) if ckpt is not None else {}
+    if not info.get("adapter_only"):
+        raise CheckpointError(
+            f"{adapter}: not an adapter-only checkpoint, but --lora-rank is set; use a new "
+            "--save directory (or drop --lora-rank to continue a full fine-tune)"
+        )
+    saved = info.get("config", {})
+    ours = cfg.to_dict()["lora"]
+    theirs = saved.get("lora", {})
+    diff = [
+        f"{k}: checkpoint {theirs.get(k)!r} vs given {v!r}"
+        for k, v in ours.items()
+        if k != "lora_dropout" and theirs.get(k) != v
+    ]
+    if diff:
+        raise ConfigError(f"{adapter}: its adapters differ from the flags ({'; '.join(diff)})")
+    base_ckpt = checkpointing.checkpoint_dir(base) if base else None
+    if base_ckpt is None:
+        return
+    base_model = checkpointing.read_run_state(base_ckpt).get("config", {}).get("model")
+    if base_model is not None and saved.get("model") not in (None, base_model):
+        raise ConfigError(
+            f"--load {base}: the base checkpoint is of another model than the adapters of "
+            f"{adapter}; load the base they were trained on"
+        )
 
 
 def is_logging_rank() -> bool:
@@ -49,6 +99,7 @@ class Trainer:
         self.stops = run_control.StopControl(cfg.train.exit_duration_in_mins)
         self.skips = run_control.SkipCounter(cfg.train.max_skipped_iters)
         self._phase = "during setup"
+        self.lora_base: str | None = None
 
     def setup(self) -> None:
         self.cfg.validate(world_size=dist.get_world_size())
@@ -76,15 +127,34 @@ class Trainer:
             capacity=cfg.train.seq_length,
         )
         chunks = build_model(cfg)
-        self.model = wrap_ddp(chunks, cfg)
-        chunks[0].config.finalize_model_grads_func = finalize_model_grads
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        lora = cfg.lora.lora_rank is not None
         # The same command is requeue-safe: a checkpoint already under --save wins over --load.
         source = cfg.train.load
         if cfg.train.save and checkpointing.checkpoint_dir(cfg.train.save) is not None:
             source = cfg.train.save
+        select = None
+        if lora:
+            # The frozen base is loaded before DDP and the optimizer exist (they then hold only
+            # the adapters); the adapters come from an adapter-only checkpoint, if any.
+            base, source = lora_sources(cfg, source)
+            self.lora_base = base or ""
+            lacked = True  # no base checkpoint: the adapters are fresh
+            if base:
+                info = checkpointing.load_checkpoint(
+                    base, chunks, may_lack=checkpointing.is_adapter_key
+                )
+                lacked = bool(info["lacked"])
+            if source is None and lacked:
+                init_magnitudes(chunks)
+            select = checkpointing.is_adapter_key
+        self.model = wrap_ddp(chunks, cfg)
+        finalize = adapters_finalize if lora else finalize_model_grads
+        chunks[0].config.finalize_model_grads_func = finalize
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         if source:
-            info = checkpointing.load_checkpoint(source, self.model, self.optimizer, self.scheduler)
+            info = checkpointing.load_checkpoint(
+                source, self.model, self.optimizer, self.scheduler, select=select
+            )
             if dist.get_rank() == 0:
                 kind = "resuming" if info["resumed_optimizer"] else "starting from"
                 print(f"{kind} {source} (iteration {info.get('iteration', 0)})", flush=True)
@@ -160,8 +230,13 @@ class Trainer:
             self.model,
             self.optimizer,
             self.scheduler,
-            run_state={"consumed_pairs": self.consumed_pairs, "config": self.cfg.to_dict()},
+            run_state={
+                "consumed_pairs": self.consumed_pairs,
+                "config": self.cfg.to_dict(),
+                **({"lora_base": self.lora_base or None} if self.lora_base is not None else {}),
+            },
             keep_last=self.cfg.train.keep_last,
+            adapter_only=self.lora_base is not None,
         )
 
     def train(self) -> list[dict[str, float]]:

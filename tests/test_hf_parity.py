@@ -3,6 +3,7 @@ TP1, TP2, PP2 and TP2xPP2, and ``evaluate`` equals a float64 SimPO reference fro
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -32,6 +33,18 @@ VARIANTS = {
     "qwen3_gqa_untied": {"num_key_value_heads": 2, "tie_word_embeddings": False, "head_dim": 16},
     "qwen3_mha_tied": {"num_key_value_heads": 4, "tie_word_embeddings": True, "head_dim": 16},
 }
+#: LoRA/DoRA variants: name -> (base variant, peft LoraConfig overrides). Non-zero random adapter
+#: weights (peft's B starts at zero), all seven projections or a subset (a fused QKV / gate-up
+#: with some projections unadapted), MHA tied and GQA untied bases.
+ADAPTERS = {
+    "lora_gqa_untied": ("gqa_untied_llama3", {"target_modules": "all"}),
+    "dora_gqa_untied": ("gqa_untied_llama3", {"target_modules": "all", "use_dora": True}),
+    "dora_mha_tied_subset": (
+        "mha_tied",
+        {"target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"], "use_dora": True},
+    ),
+}
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LAYOUTS = {1: ["tp1"], 2: ["tp2", "pp2"], 4: ["tp2_pp2"]}
 EVAL_LAYOUTS = ["tp1", "tp2_pp2"]
 BETA, GAMMA = 2.5, 0.7
@@ -58,6 +71,25 @@ def hf_model(name: str):
     return model.eval()
 
 
+def peft_model(name: str, hf_dir):
+    """The peft model of an adapter variant on its saved base, with random adapter weights."""
+    peft = pytest.importorskip("peft")
+    base_name, over = ADAPTERS[name]
+    over = dict(over)
+    if over["target_modules"] == "all":
+        over["target_modules"] = SEVEN
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).float()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=6, **over))
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "magnitude" in n:  # DoRA: around ||W|| per row, not equal to it
+                p.mul_(1 + 0.5 * torch.rand(p.shape, generator=g))
+            elif "lora_" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_parity")
@@ -75,6 +107,11 @@ def parity(tmp_path_factory):
     (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     for name in VARIANTS:
         hf_model(name).save_pretrained(root / name / "hf")
+    # Without peft (the Megatron-Core 0.19 lane) the adapter variants are left out.
+    adapters = ADAPTERS if importlib.util.find_spec("peft") is not None else {}
+    for name, (base, _) in adapters.items():
+        hf_model(base).save_pretrained(root / name / "hf")
+        peft_model(name, root / name / "hf").save_pretrained(root / name / "peft")
     runner = str(REPO / "tests/distributed/hf_parity_runner.py")
     for world, layouts in LAYOUTS.items():
         args = [
@@ -85,6 +122,7 @@ def parity(tmp_path_factory):
             *layouts,
             "--variants",
             *VARIANTS,
+            *adapters,
             "--evaluate",
             str(root / "pairs.jsonl"),
         ]
@@ -111,6 +149,24 @@ def test_logits_match_transformers(parity, name, layout):
         ref = model(ids).logits
     got = torch.load(root / name / f"logits_{layout}.pt", weights_only=True)
     assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=LOGITS_ATOL)
+
+
+# Same fp32 bound as above: the adapters add two rank-4 matmuls per projection (DoRA: a per-row
+# scale from a norm over the input), ~1e-7 each; a mis-laid q/k/v or gate/up adapter, a missing
+# TP sum or a wrong DoRA norm is O(0.01..1).
+@pytest.mark.parametrize("layout", [lay for lays in LAYOUTS.values() for lay in lays])
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_adapter_logits_match_peft(parity, name, layout):
+    peft = pytest.importorskip("peft")
+    root, _ = parity
+    base = transformers.AutoModelForCausalLM.from_pretrained(root / name / "hf").float()
+    ids = torch.load(root / "input_ids.pt", weights_only=True)
+    with torch.no_grad():
+        plain = base(ids).logits
+        ref = peft.PeftModel.from_pretrained(base, root / name / "peft").eval()(ids).logits
+    assert (ref - plain).abs().max() > 0.05  # the adapters change the model
+    got = torch.load(root / name / f"logits_{layout}.pt", weights_only=True)
     torch.testing.assert_close(got, ref, rtol=0, atol=LOGITS_ATOL)
 
 

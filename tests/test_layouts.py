@@ -57,16 +57,35 @@ def matrix(tmp_path_factory) -> dict:
     )
     assert res.returncode == 0, res.stderr[-4000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
-    for ref in ("tp1", "tp1_tied", "tp1_dpo", "tp1_orpo", "tp1_mixtral"):
+    for ref in ("tp1", "tp1_tied", "tp1_dpo", "tp1_orpo", "tp1_mixtral", "tp1_lora"):
         result[ref] = json.loads((out / ref / "metrics.json").read_text())
     (REPO / ".pytest_cache").mkdir(exist_ok=True)
     (REPO / ".pytest_cache/layout_matrix.json").write_text(json.dumps(result, indent=1))
+    result["_out"] = out
     return result
 
 
 COMPARED = [n for n, layout in LAYOUTS.items() if layout.ref is not None]
 FP32 = [n for n in COMPARED if fp32_of(n) is None]
 BF16 = [n for n in COMPARED if fp32_of(n) is not None]
+
+
+LORA_LAYOUTS = [n for n, layout in LAYOUTS.items() if layout.lora is not None]
+
+
+@pytest.mark.parametrize("name", LORA_LAYOUTS)
+def test_lora_trains_only_the_adapters(matrix, name):
+    """Base frozen before DDP and the optimizer: only adapter tensors have gradient buffers and
+    optimizer state (the distributed optimizer: the DP shards of the adapters add up to them)."""
+    counts = json.loads((matrix["_out"] / name / "metrics.json").read_text())["counts"]
+    for c in counts:
+        # Rank-4 adapters on a hidden-32 model are ~20% of it (at 7B, rank 16: ~0.6%).
+        assert 0 < c["adapters"] == c["trainable"] < c["total"] / 3
+        assert c["buffered"] == c["trainable"]
+    dp = counts[0]["dp"]
+    distopt = LAYOUTS[name].parallel.get("use_distributed_optimizer", False)
+    total_opt = sum(c["optimizer"] for c in counts)
+    assert total_opt * (dp if distopt else 1) == sum(c["trainable"] for c in counts)
 
 
 @pytest.mark.parametrize("name", FP32)
@@ -86,7 +105,11 @@ def test_layout_matches_single_process(matrix, name):
 
 # tp1_mixtral: the gradient includes coeff x the router's load-balancing loss at the weight
 # moe.py says (pins the aux-loss scaling, which cross-layout equality cannot see).
-@pytest.mark.parametrize("ref", ["tp1", "tp1_tied", "tp1_dpo", "tp1_orpo", "tp1_mixtral"])
+# Not tp1_dora: DoRA's weight norm is detached (peft, and the paper's section 4.3), so its
+# gradient is deliberately not the loss's full derivative.
+@pytest.mark.parametrize(
+    "ref", ["tp1", "tp1_tied", "tp1_dpo", "tp1_orpo", "tp1_mixtral", "tp1_lora"]
+)
 def test_reference_gradient_is_the_gradient_of_the_reported_loss(matrix, ref):
     # Central difference along g/|g| with step 1e-3 in fp32: truncation O(eps^2 * curvature)
     # ~1e-6, rounding ~1e-7 * loss / eps ~ 2e-4 absolute on a slope of ~5; 1% relative leaves

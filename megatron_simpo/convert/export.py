@@ -2,7 +2,11 @@
 Hugging Face directory that ``transformers``, vLLM and the Hub accept.
 
     megatron-simpo convert mcore-to-hf --load CKPT [--iteration N] --hf-dir OUT \\
-        [--dtype bf16|fp16|fp32] [--tokenizer DIR] [--max-shard-size 5GB]
+        [--dtype bf16|fp16|fp32] [--tokenizer DIR] [--max-shard-size 5GB] [--adapter-only]
+
+An adapter-only (LoRA/DoRA) checkpoint exports merged into its base (``lora_base`` in its run
+state): a full HF model. With ``--adapter-only`` it exports as a peft adapter instead
+(``adapter_config.json`` + ``adapter_model.safetensors``, ``megatron_simpo/convert/lora.py``).
 
 Streaming: the checkpoint is read one tensor (one layer of a layer-stacked tensor) at a time
 with partial reads of its torch distributed-checkpoint files, converted through the family's key
@@ -168,6 +172,35 @@ def _hf_tensors(
         yield from zip(hf_names, keymap.TRANSFORMS[transform][1](tensor, shapes), strict=True)
 
 
+def _stacked(mc_name: str) -> tuple[str, int | None]:
+    """(dist-checkpoint key, layer) of a TP1 module name: decoder layers are stacked."""
+    m = re.search(r"\.layers\.(\d+)\.", mc_name)
+    if m is None:
+        return mc_name, None
+    return mc_name.replace(m.group(0), ".layers."), int(m.group(1))
+
+
+def _merged(
+    tensors: Iterator[tuple[str, torch.Tensor]], reader: _Reader, model_cfg, lora_cfg
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base's HF tensors with each adapted projection's adapter merged in."""
+    from megatron_simpo.convert.lora import adapter_names, merge
+
+    by_hf: dict[str, dict[str, str]] = {}
+    for mc, _, hf, _ in adapter_names(model_cfg, lora_cfg):
+        by_hf.setdefault(hf, {})[mc.rsplit(".", 1)[1]] = mc
+    scaling = lora_cfg.lora_alpha / lora_cfg.lora_rank
+    for name, t in tensors:
+        parts = by_hf.get(name)
+        if parts is not None:
+            a, b, mag = (
+                reader.get(*_stacked(parts[k])) if k in parts else None
+                for k in ("lora_A", "lora_B", "lora_magnitude")
+            )
+            t = merge(t, a, b, scaling, mag)
+        yield name, t
+
+
 def mcore_to_hf(
     load: str | Path,
     hf_dir: str | Path,
@@ -176,6 +209,7 @@ def mcore_to_hf(
     dtype: str | None = None,
     tokenizer: str | None = None,
     max_shard_size: str = "5GB",
+    adapter_only: bool = False,
 ) -> Path:
     """Exports; returns the HF directory. Single process."""
     from megatron_simpo import checkpointing, parallel
@@ -195,6 +229,33 @@ def mcore_to_hf(
             f"{ckpt}: no model config recorded (run_state.json); was it written by megatron-simpo?"
         )
     model_cfg = ModelConfig(**saved)
+    state = checkpointing.read_run_state(ckpt)
+    lora_cfg = None
+    if state.get("adapter_only"):
+        from megatron_simpo.config import LoraConfig
+
+        lora_cfg = LoraConfig(**state["config"]["lora"])
+    if adapter_only:
+        if lora_cfg is None:
+            raise CheckpointError(
+                f"--adapter-only: {ckpt} is not an adapter checkpoint (train with --lora-rank)"
+            )
+        from megatron_simpo.convert.lora import write_peft
+
+        reader = _Reader(ckpt)
+        return write_peft(
+            out, model_cfg, lora_cfg, lambda mc, i: reader.get(*_stacked(mc)).contiguous()
+        )
+    adapters_reader = None
+    if lora_cfg is not None:  # merged into the base the adapters were trained on
+        base = state.get("lora_base")
+        base_ckpt = checkpointing.checkpoint_dir(base) if base else None
+        if base_ckpt is None:
+            raise CheckpointError(
+                f"{ckpt}: its base checkpoint {base!r} is not there; export with --adapter-only"
+            )
+        adapters_reader = _Reader(ckpt)
+        ckpt = base_ckpt
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--hf-dir {out} is not empty; choose a new directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -209,13 +270,18 @@ def mcore_to_hf(
     reader = _Reader(ckpt)
     writer = _ShardWriter(out, limit)
     stored_dtype = None
-    for name, t in progress(_hf_tensors(reader, model_cfg, keys), "convert", unit="tensors"):
+    tensors = _hf_tensors(reader, model_cfg, keys)
+    if adapters_reader is not None:
+        tensors = _merged(tensors, adapters_reader, model_cfg, lora_cfg)
+    for name, t in progress(tensors, "convert", unit="tensors"):
         stored_dtype = stored_dtype or t.dtype
         writer.add(name, t.to(target) if target is not None else t)
     writer.close()
     parallel.destroy_model_parallel()
 
     side = checkpointing.hf_side_dir(load)
+    if side is None and adapters_reader is not None:  # the base's, recorded at its import
+        side = checkpointing.hf_side_dir(ckpt)
     side_config = side / "config.json" if side is not None else None
     base = json.loads(side_config.read_text()) if side_config and side_config.is_file() else None
     config = model_cfg.to_hf_config(base)

@@ -8,6 +8,9 @@ converted to ``DIR/<variant>/ckpt``. Then, at the layout, each checkpoint is loa
 (vocab-gathered, unpadded) logits on ``DIR/input_ids.pt`` are written to
 ``DIR/<variant>/logits_<layout>.pt``; with ``--evaluate`` the first variant is also evaluated on
 DATA (beta 2.5, gamma 0.7) into ``DIR/<variant>/eval_<layout>.json``.
+
+A variant with a peft adapter (``DIR/<variant>/peft``) is LoRA/DoRA: ``--convert`` also imports
+the adapter (``DIR/<variant>/adapter``), and its logits are those of the base plus the adapters.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ LAYOUTS = {
 def layout_config(ckpt: Path, layout: str) -> RunConfig:
     cfg = RunConfig()
     cfg.model = checkpoint_model_config(str(ckpt))
+    if (ckpt.parent / "peft").is_dir():
+        from megatron_simpo.convert.lora import lora_config_of_peft
+
+        cfg.lora = lora_config_of_peft(ckpt.parent / "peft")
     p = cfg.parallel
     tp, p.pipeline_model_parallel_size, p.expert_model_parallel_size, sp = LAYOUTS[layout]
     p.tensor_model_parallel_size, p.sequence_parallel = tp, sp
@@ -59,7 +66,12 @@ def layout_config(ckpt: Path, layout: str) -> RunConfig:
 def logits_of(cfg: RunConfig, input_ids: torch.Tensor) -> torch.Tensor | None:
     parallel.init_model_parallel_for(cfg)
     model = build_model(cfg)
-    checkpointing.load_checkpoint(cfg.train.load, model)
+    if cfg.lora.lora_rank is None:
+        checkpointing.load_checkpoint(cfg.train.load, model)
+    else:  # the converted base, then the imported adapters
+        key = checkpointing.is_adapter_key
+        checkpointing.load_checkpoint(cfg.train.load, model, may_lack=key)
+        checkpointing.load_checkpoint(Path(cfg.train.load).parent / "adapter", model, select=key)
     b, s = input_ids.shape
     pos = torch.arange(s).unsqueeze(0).expand(b, -1)
 
@@ -97,9 +109,12 @@ def main() -> None:
     root = Path(args.root)
     if args.convert:
         from megatron_simpo.convert.hf import hf_to_mcore
+        from megatron_simpo.convert.lora import peft_to_mcore
 
         for v in args.variants:
             hf_to_mcore(root / v / "hf", root / v / "ckpt")
+            if (root / v / "peft").is_dir():
+                peft_to_mcore(root / v / "peft", root / v / "ckpt", root / v / "adapter")
     input_ids = torch.load(root / "input_ids.pt", weights_only=True)
     for layout in args.layouts:
         for v in args.variants:

@@ -59,7 +59,8 @@ def directional_derivative(trainer: Trainer, eps: float = 1e-3) -> dict[str, flo
     dividing by the pair count twice); this pins the reference's gradient to the loss it
     reports. Single-process only (the reference layouts).
     """
-    params = [p for chunk in trainer.model for p in chunk.parameters()]
+    # Trainable ones (LoRA: the adapters; the frozen base has no gradient).
+    params = [p for chunk in trainer.model for p in chunk.parameters() if p.requires_grad]
     grads = [p.main_grad.clone() for p in params]
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
     micro_batches, seq_len = trainer.batcher.micro_batches(0)
@@ -148,7 +149,7 @@ def dtypes_of(trainer: Trainer) -> dict[str, list[str]]:
     main = [p for o in inner for g in o.optimizer.param_groups for p in g["params"]]
     return {
         "params": _names(params),
-        "main_grad": _names(p.main_grad for p in params),
+        "main_grad": _names(p.main_grad for p in params if p.requires_grad),
         "grad_buffers": _names(buffers),
         "main_params": _names(main),
     }
@@ -173,6 +174,44 @@ LOSS_DTYPES: dict[str, set] = {}
 record_loss_dtypes(LOSS_DTYPES)
 
 
+def randomize_adapters(trainer: Trainer) -> None:
+    """Non-zero B (it starts at zero) and DoRA magnitudes off ``||W||``, so that step 1 already
+    has gradients for every adapter tensor (fp32 single process: the optimizer's params are the
+    model's)."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in trainer.model[0].named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif n.endswith("lora_magnitude"):
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
+
+
+def counts_of(trainer: Trainer) -> dict[str, int]:
+    """This rank's element counts: all parameters, trainable ones, those with a gradient buffer,
+    and the optimizer's main parameters (the distributed optimizer's: this DP rank's shard)."""
+    params = [p for chunk in trainer.model for p in chunk.parameters()]
+    inner = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    return {
+        "total": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "adapters": sum(
+            p.numel() for c in trainer.model for n, p in c.named_parameters() if ".lora." in n
+        ),
+        "buffered": sum(
+            p.numel() for chunk in trainer.model for b in chunk.buffers for p in b.params
+        ),
+        "optimizer": sum(
+            p.numel() for o in inner for grp in o.optimizer.param_groups for p in grp["params"]
+        ),
+        "dp": dist.get_world_size() // (cfg_tp_pp(trainer.cfg)),
+    }
+
+
+def cfg_tp_pp(cfg: RunConfig) -> int:
+    return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+
+
 def run_layout(name: str, out: Path, data: str) -> None:
     world, ref = LAYOUTS[name].world, LAYOUTS[name].ref
     assert dist.get_world_size() == world, f"{name} needs {world} ranks"
@@ -184,6 +223,8 @@ def run_layout(name: str, out: Path, data: str) -> None:
     start = time.perf_counter()
     trainer.setup()
     if ref is None:
+        if cfg.lora.lora_rank is not None:
+            randomize_adapters(trainer)
         checkpointing.save_checkpoint(out / name / "init", 0, trainer.model)
     distopt = cfg.parallel.use_distributed_optimizer
     # Forward-only scoring (``evaluate`` / held-out eval) from the same initial weights.
@@ -218,6 +259,8 @@ def run_layout(name: str, out: Path, data: str) -> None:
         for k, v in g.items():
             merged.setdefault(k, set()).update(v)
     dtypes = {k: sorted(v) for k, v in merged.items()}
+    counts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, counts_of(trainer))
     if dist.get_rank() == 0:
         (out / name / "metrics.json").write_text(
             json.dumps(
@@ -227,6 +270,7 @@ def run_layout(name: str, out: Path, data: str) -> None:
                     "step_times": step_times,
                     "grads_saved": not distopt,
                     "dtypes": dtypes,
+                    "counts": counts,
                     **checks,
                     "wall": time.perf_counter() - start,
                 }

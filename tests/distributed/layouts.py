@@ -66,6 +66,8 @@ class Layout(NamedTuple):
     """The ``loss`` section instead of BASE's (another objective)."""
     model: dict | None = None
     """Overrides of the ``model`` section (another family); a layout and its reference agree."""
+    lora: dict | None = None
+    """The ``lora`` section (LoRA/DoRA adapters on the frozen base); as its reference's."""
 
 
 BF16 = {"precision": "bf16"}
@@ -74,6 +76,15 @@ ORPO = {"objective": "orpo", "beta": 0.5, "orpo_alpha": 0.7}
 #: Qwen3: per-head QK RMSNorm (its weight's gradient is partial on each TP rank and must be summed
 #: over TP), head_dim 16 != hidden / heads.
 QWEN3 = {"model_type": "qwen3", "qk_layernorm": True, "head_dim": 16}
+#: LoRA on all seven projections; DoRA on a subset (unadapted q/k/v and gate/up rows in the
+#: fused layers). The references start from random non-zero B (and DoRA magnitudes off ||W||).
+LORA = {"lora_rank": 4, "lora_alpha": 8.0, "lora_target": "all"}
+DORA = {
+    "lora_rank": 3,
+    "lora_alpha": 6.0,
+    "lora_target": "q_proj,v_proj,proj,up_proj,fc2",
+    "dora": True,
+}
 #: Mixtral: 4 experts, top-2 (Megatron-Core's MoE layer, alltoall dispatcher), with the router's
 #: load-balancing loss at a weight that moves the gradient (0.1; its gradient path through
 #: every layout, padding masked out of it).
@@ -133,6 +144,12 @@ LAYOUTS: dict[str, Layout] = {
     "tp2_sp_qwen3": Layout(
         2, "tp1_qwen3", {"tensor_model_parallel_size": 2, "sequence_parallel": True}, model=QWEN3
     ),
+    # LoRA / DoRA SimPO: only the adapters train (the replicated factor's partial gradients are
+    # summed over TP), through sequence parallelism + the distributed optimizer, and the pipeline.
+    "tp1_lora": Layout(1, None, {}, lora=LORA),
+    "tp2_dp2_sp_distopt_lora": Layout(4, "tp1_lora", TP2_DP2_SP_DISTOPT, lora=LORA),
+    "tp1_dora": Layout(1, None, {}, lora=DORA),
+    "tp2_pp2_dora": Layout(4, "tp1_dora", TP2_PP2, lora=DORA),
     # Mixture of experts: experts split over 2 EP ranks (dense layers data-parallel over them);
     # with TP2 + SP and whole experts (ETP1); with a 2-stage pipeline (the aux loss of stage 1's
     # layers reaches the same optimizer step).
@@ -217,6 +234,8 @@ def config_dict(name: str, data_path: str, load: str | None) -> dict:
     cfg["train"].update(layout.train or {})
     if layout.loss is not None:
         cfg["loss"] = dict(layout.loss)
+    if layout.lora is not None:
+        cfg["lora"] = dict(layout.lora)
     cfg["data"] = {"data_path": data_path}
     cfg["train"]["load"] = load
     return cfg
