@@ -193,9 +193,10 @@ def test_dpo_without_reference_logps_is_refused():
 
 
 def test_orpo_trains_end_to_end_with_fused_head_heldout_eval_and_resume(tmp_path):
-    """`train --loss orpo --fused-loss-head` with held-out evaluation: the objective's metrics
-    reach metrics.jsonl (train and eval/), and a run stopped at iteration 2 and resumed gives
-    the uninterrupted run's losses."""
+    """`train --loss orpo --fused-loss-head` with held-out evaluation: the objective's TRL-named
+    metrics reach metrics.jsonl, TensorBoard (train and eval/), the plot and `evaluate`'s output
+    (summary and per pair); a run stopped at iteration 2 and resumed gives the uninterrupted
+    run's losses."""
     import json
 
     import yaml
@@ -223,8 +224,38 @@ def test_orpo_trains_end_to_end_with_fused_head_heldout_eval_and_resume(tmp_path
     for key in ("log_odds_ratio", "log_odds_chosen", "nll_loss", "logps/chosen_sum"):
         assert key in whole[1] and math.isfinite(whole[1][key]), key
     assert "eval/log_odds_ratio" in whole[-2] and "eval/rewards/chosen" in whole[-2]
+    trl_names = {"loss", "nll_loss", "log_odds_ratio", "log_odds_chosen"}
+    trl_names |= {f"rewards/{k}" for k in ("chosen", "rejected", "margins", "accuracies")}
+    trl_names |= {"logps/chosen", "logps/rejected"}
+    # TensorBoard: the same scalars as metrics.jsonl, the objective's TRL names among them.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb_whole"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert trl_names | {f"eval/{k}" for k in trl_names} <= tags, trl_names - tags
+    # The plot reads them: every panel of the dashboard finds its series (train and eval/).
+    from megatron_simpo.plot import PANELS, load_run, plot_runs, series_key
+
+    dash = load_run(tmp_path / "tb_whole")
+    for title, keys, _ in PANELS:
+        for spec, _ in keys:
+            assert series_key(dash, spec) in dash.series, (title, spec)
+            if title.startswith(("ORPO", "NLL", "reward")):
+                assert "eval/" + series_key(dash, spec) in dash.series, (title, spec)
+    assert plot_runs([tmp_path / "tb_whole"], tmp_path / "dash.png").stat().st_size > 0
     save = ["--save", str(tmp_path / "ckpt")]
     run("first", *save, "--exit-interval", "2")
     resumed = run("second", *save)
     # Same layout, deterministic CPU kernels: the resumed run continues bit-identically.
     assert [resumed[i]["loss"] for i in (3, 4)] == [whole[i]["loss"] for i in (3, 4)]
+    # `evaluate` of the saved checkpoint reports the same TRL names (summary and per pair).
+    out = tmp_path / "eval.json"
+    evaluate = ["-m", "megatron_simpo", "evaluate", "--config", str(tmp_path / "orpo.yaml")]
+    res = torchrun(1, [*evaluate, "--load", str(tmp_path / "ckpt"), "--output", str(out)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    printed = json.loads(res.stdout.split("evaluate: ", 1)[1].splitlines()[0])
+    got = json.loads(out.read_text())
+    assert trl_names <= printed.keys() and trl_names <= got.keys(), trl_names - got.keys()
+    pair_names = {"log_odds_ratio", "log_odds_chosen", "rewards/chosen", "logps/chosen"}
+    assert all(pair_names <= row.keys() for row in got["per_pair"])

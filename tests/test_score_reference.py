@@ -31,6 +31,11 @@ from megatron_simpo.errors import DataError
 
 TINY = REPO / "examples" / "tiny"  # an HF Llama: 4 layers, hidden 64, 30 token ids
 MAX_LENGTH = 32
+# score-reference --precision bf16 vs fp32, |diff| / max(1, |sum|): bf16 keeps 8 significant
+# bits (eps = 2^-8); weights and activations rounded through 4 layers move each token's log-prob
+# by a few eps relative, summed over <= 8 tokens. Measured 7.9e-3 (2-core CPU, 2026-12-03);
+# 4 eps = 1.6e-2 leaves 2x room, and the fp32 values would differ by < 1e-6 (they must not).
+BF16_SUM_RTOL = 4 * 2.0**-8
 
 
 def varied_rows(n: int = 24, seed: int = 3) -> list[dict]:
@@ -230,7 +235,7 @@ def scored(tmp_path_factory):
     prep = root / "prep"
     args = ["prepare", "--data-path", str(src), "--tokenizer", str(TINY), "--output", str(prep)]
     assert cli_main([*args, "--max-length", str(MAX_LENGTH)]) == 0
-    for name in ("tp2", "pp2"):
+    for name in ("tp2", "pp2", "bf16"):
         shutil.copytree(prep, root / "layouts" / name)
     ckpt = ["--load", str(root / "ckpt"), "--data", str(prep), "--seq-length", str(MAX_LENGTH)]
     cli = ["-m", "megatron_simpo"]  # under torchrun: a free rendezvous port
@@ -270,6 +275,16 @@ def test_cli_prepare_score_reference_train_dpo(scored):
     assert abs(rows[0]["rewards/chosen"]) < 1e-6 and abs(rows[0]["rewards/rejected"]) < 1e-6
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(rows[1]["rewards/margins"]) > 1e-4  # one update later the policy has moved
+    # DPO's TRL names (rewards with the reference) reach TensorBoard and the plot's series.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_simpo.plot import load_run
+
+    acc = EventAccumulator(str(root / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    names = {"loss", "nll_loss", "logps/chosen", "logps/rejected"}
+    names |= {f"rewards/{k}" for k in ("chosen", "rejected", "margins", "accuracies")}
+    assert names <= set(acc.Tags()["scalars"]) and names <= load_run(root / "tb").series.keys()
 
 
 def test_rerun_is_a_no_op(scored, capsys):
@@ -340,3 +355,13 @@ def test_values_identical_at_tp2_pp2_dp2(scored):
             assert all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in values), name
         else:  # PP2 and DP2 only split the same work (same packed micro-batches): bit-identical
             assert all(a == b for a, b in values), name
+    # --precision bf16 (DP2): bf16 weights and activations, log-probs summed in fp32.
+    got = columns(root / "layouts" / "bf16")
+    assert got["ref_chosen_tokens"] == ref["ref_chosen_tokens"]
+    errs = [
+        abs(a - b) / max(1.0, abs(b))
+        for c in ("ref_chosen_logps", "ref_rejected_logps")
+        for a, b in zip(got[c], ref[c])
+    ]
+    print(f"score-reference bf16 vs fp32: max |diff| / max(1, |fp32|) = {max(errs):.2e}")
+    assert max(errs) <= BF16_SUM_RTOL and max(errs) > 0  # really bf16: not the fp32 values

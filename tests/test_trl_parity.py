@@ -4,8 +4,9 @@ TRL tokenises the text pairs (each trainer its own way: ``DPOTrainer`` without B
 and ``ORPOTrainer`` with it) and computes, in fp32 on ``examples/tiny`` (a Llama), each pair's
 loss and rewards (a batch of that one pair) and the batch's loss and metrics (all pairs in one
 batch): ``DPOTrainer(precompute_ref_log_probs=True)`` with a reference model (the policy with
-seeded noise on its weights) for sigmoid, ipo and hinge, ``CPOTrainer`` for sigmoid (with and
-without label smoothing), hinge, ipo (``cpo_alpha`` > 0) and simpo, ``ORPOTrainer``. Our side
+seeded noise on its weights) for sigmoid, ipo, hinge and sigmoid_norm (our dpo-norm),
+``CPOTrainer`` for sigmoid (with and without label smoothing), hinge, ipo (``cpo_alpha`` > 0)
+and simpo, ``ORPOTrainer``. Our side
 scores the same ids (and, for the DPO family, TRL's precomputed reference log-probs) with the
 converted checkpoint through ``evaluate``'s machinery in one 2-rank run
 (``tests/distributed/trl_parity_runner.py``). The max abs differences are printed per case.
@@ -42,6 +43,11 @@ CASES = {
         dict(loss_type=["hinge"], beta=0.1),
         dict(objective="dpo-hinge", beta=0.1),
     ),
+    "dpo-norm": (
+        "dpo",
+        dict(loss_type=["sigmoid_norm"], beta=2.0),
+        dict(objective="dpo-norm", beta=2.0),
+    ),
     "cpo": ("cpo", dict(loss_type="sigmoid", beta=0.1), dict(objective="cpo", beta=0.1)),
     "cpo-smoothed": (
         "cpo",
@@ -77,6 +83,20 @@ ORPO_KEYS = ("log_odds_ratio", "log_odds_chosen")
 # issue's 1e-5 on every metric, absolute for O(1) values and relative above (rel_err): summed
 # log-probs reach ~40 nats and IPO's squared loss ~20, where one fp32 ulp is already ~4e-6.
 ATOL = 1e-5
+
+
+#: Objectives without a TRL trainer, scored (on a TRL case's ids) for the bf16 check only:
+#: name -> (case whose pairs they take, our LossConfig fields).
+OURS_ONLY = {
+    "dpo-norm-smoothed": ("dpo", dict(objective="dpo-norm", beta=2.0, label_smoothing=0.1)),
+    "dpo-smoothed": ("dpo", dict(objective="dpo", beta=0.1, label_smoothing=0.2, sft_weight=0.5)),
+    "simpo-hinge": ("simpo", dict(objective="simpo", beta=2.0, loss_type="hinge")),
+}
+#: bf16 params vs fp32 (log-probs accumulated in fp32, reference log-probs fp64 in both runs).
+#: bf16 keeps 8 significant bits (eps = 2^-8): rounding weights and activations through 4 layers
+#: moves each response's log-prob by a few eps relative (measured 3.6 eps; score-reference: 2 eps).
+BF16_EPS = 2.0**-8
+BF16_LOGPS_RTOL = 8 * BF16_EPS
 
 
 def rel_err(ours: float, theirs: float) -> float:
@@ -169,6 +189,9 @@ def parity(tmp_path_factory):
         per_pair = [trl_metrics(trainer, kind, [e]) for e in examples]
         trl_results[name] = {"per_pair": per_pair, "batch": trl_metrics(trainer, kind, examples)}
         cases.append({"name": name, "loss": ours, "pairs": [trl_ids(kind, e) for e in examples]})
+    by_name = {c["name"]: c for c in cases}
+    for name, (source, ours) in OURS_ONLY.items():  # no TRL counterpart: bf16 vs fp32 only
+        cases.append({"name": name, "loss": ours, "pairs": by_name[source]["pairs"]})
     (root / "cases.json").write_text(json.dumps(cases))
     res = torchrun(2, [str(REPO / "tests/distributed/trl_parity_runner.py"), "--root", str(root)])
     assert res.returncode == 0, res.stderr[-4000:]
@@ -214,3 +237,52 @@ def test_every_objective_matches_trl_at_tp1_and_tp2(parity):
     (root / "parity.json").write_text(json.dumps(worst, indent=1))
     bad = {(c, k): v for c, d in worst.items() for k, v in d.items() if not v <= ATOL}
     assert not bad, bad
+
+
+def test_every_objective_in_bf16_is_close_to_fp32(parity):
+    """Each objective (TRL's cases and OURS_ONLY) scored with bf16 params against fp32, per pair
+    and for the batch. The one source of difference is the policy's log-probs: they are within
+    BF16_LOGPS_RTOL (and really bf16: not equal); the rewards move by exactly beta times them
+    (the fp64 reference enters both runs unrounded: fp32 rounding only); each pair's loss by at
+    most its Lipschitz bound in the log-probs, K * (|d logps/chosen| + |d logps/rejected|) with
+    K = max(1, beta) * (1 + NLL weight) * (2 + 2 sqrt(loss)) (sigmoid, hinge: beta; IPO's square:
+    2 |h - tau| = 2 sqrt(loss); ORPO's log-odds: beta / (1 - p) <= 2 beta; NLL: its weight)."""
+    from megatron_simpo.config import LossConfig
+
+    root, _ = parity
+    worst = {}
+    ours_all = {n: c[2] for n, c in CASES.items()} | {n: c[1] for n, c in OURS_ONLY.items()}
+    for name, fields in ours_all.items():
+        cfg = LossConfig(**fields)
+        beta, nll = cfg.resolved_beta, cfg.nll_weight
+        fp32 = json.loads((root / f"{name}_tp1.json").read_text())
+        bf16 = json.loads((root / f"{name}_tp1_bf16.json").read_text())
+        rows = list(zip([bf16["summary"], *bf16["per_pair"]], [fp32["summary"], *fp32["per_pair"]]))
+        logps = max(
+            rel_err(b[k], f[k]) for b, f in rows for k in ("logps/chosen", "logps/rejected")
+        )
+        rewards = max(
+            abs(
+                (b[f"rewards/{s}"] - f[f"rewards/{s}"]) - beta * (b[f"logps/{s}"] - f[f"logps/{s}"])
+            )
+            / max(1.0, abs(f[f"rewards/{s}"]))
+            for b, f in rows
+            for s in ("chosen", "rejected")
+        )
+        loss = max(
+            abs(b["loss"] - f["loss"])
+            / (
+                max(1.0, beta)
+                * (1 + nll)
+                * (2 + 2 * abs(f["loss"]) ** 0.5)
+                * sum(abs(b[f"logps/{s}"] - f[f"logps/{s}"]) for s in ("chosen", "rejected"))
+            )
+            for b, f in rows[1:]
+        )
+        worst[name] = {"logps": logps, "rewards - beta*logps": rewards, "loss / bound": loss}
+        assert 0 < logps <= BF16_LOGPS_RTOL, (name, worst[name])
+        # fp32 arithmetic on rewards of magnitude <= ~50: a few ulps.
+        assert rewards <= 1e-5, (name, worst[name])
+        assert loss <= 1.0, (name, worst[name])
+    table = {n: {k: f"{v:.1e}" for k, v in d.items()} for n, d in worst.items()}
+    print("bf16 vs fp32 per objective:", json.dumps(table, indent=1))

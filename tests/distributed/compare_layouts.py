@@ -7,7 +7,9 @@ metrics, "grad_norm": max relative diff, "grads": max over tensors of max|a-b| /
 (null when the distributed optimizer sharded them), "grads_l2": |a-b| / |a| over all gradients,
 "weights" / "weights_l2": the same two for the final weights, "steps": step count,
 "dtypes": the layout's recorded dtypes}; a bf16 layout also has "vs_fp32": the same comparison
-with the fp32 layout its weights came from.
+with the fp32 layout its weights came from. A :data:`layouts.SWEEP_LAYOUTS` layout has
+"sweep": objective -> {"loss", "metrics" (max abs diff over its reported metrics), "grads"}
+against ``tp1``'s sweep.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from layouts import LAYOUTS, fp32_of  # noqa: E402
+from layouts import LAYOUTS, SWEEP, SWEEP_LAYOUTS, fp32_of  # noqa: E402
 
 from megatron_simpo import parallel  # noqa: E402
 
@@ -84,6 +86,24 @@ def compare(out: Path, ref: str, name: str) -> dict:
     }
 
 
+def compare_sweep(out: Path, name: str, ref: str = "tp1") -> dict[str, dict[str, float]]:
+    """Every objective of layout ``name``'s sweep against ``ref``'s (same initial weights)."""
+    a = json.loads((out / ref / "metrics.json").read_text())["sweep"]
+    b = json.loads((out / name / "metrics.json").read_text())["sweep"]
+    assert set(a) == set(b) == set(SWEEP), (set(a) ^ set(SWEEP), set(b) ^ set(SWEEP))
+    result = {}
+    for key in SWEEP:
+        grads = tensor_diff(*(out / n / "sweep" / key / "grads" for n in (ref, name)))
+        assert set(a[key]) == set(b[key]), (key, set(a[key]) ^ set(b[key]))
+        result[key] = {
+            "loss": abs(a[key]["loss"] - b[key]["loss"]),
+            "metrics": max(abs(a[key][k] - b[key][k]) for k in a[key]),
+            "grads": grads[0],
+            "grads_l2": grads[1],
+        }
+    return result
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     result = {}
@@ -91,6 +111,8 @@ def main() -> None:
         if layout.ref is None or not (out / name / "metrics.json").exists():
             continue
         result[name] = compare(out, layout.ref, name)
+        if name in SWEEP_LAYOUTS:
+            result[name]["sweep"] = compare_sweep(out, name)
         fp32 = fp32_of(name)
         if fp32 is not None and fp32 != layout.ref:
             result[name]["vs_fp32"] = compare(out, fp32, name)

@@ -13,6 +13,7 @@ last step (``weights/``) as dist checkpoints, which ``tests/test_layouts.py`` co
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -20,7 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from layouts import LAYOUTS, config_dict, init_of, synthetic_reference  # noqa: E402
+from layouts import (  # noqa: E402
+    LAYOUTS,
+    SWEEP,
+    SWEEP_LAYOUTS,
+    config_dict,
+    init_of,
+    synthetic_reference,
+)
 
 from megatron_simpo import parallel  # noqa: E402
 
@@ -31,7 +39,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megatron_simpo import batch_loss, checkpointing, moe  # noqa: E402
 from megatron_simpo.batch_loss import reduce_reports  # noqa: E402
-from megatron_simpo.config import RunConfig  # noqa: E402
+from megatron_simpo.config import LossConfig, RunConfig  # noqa: E402
 from megatron_simpo.data import Subset, _options  # noqa: E402
 from megatron_simpo.data.prepare import (  # noqa: E402
     PreparedPairs,
@@ -101,6 +109,31 @@ def with_reference_columns(cfg: RunConfig, data: str, dest: Path) -> str:
         write_reference_columns(dest, columns, record)
     dist.barrier()
     return str(dest)
+
+
+def objective_sweep(trainer: Trainer, out: Path) -> dict[str, dict[str, float]]:
+    """Forward and backward of every :data:`layouts.SWEEP` objective on the first global batch
+    (with :func:`layouts.synthetic_reference` log-probs) at the current weights, no update: the
+    reduced metrics per objective; the gradients go to ``out/<objective>/grads``."""
+    batcher = copy.copy(trainer.batcher)
+    batcher.pairs = [synthetic_reference(p) for p in trainer.batcher.pairs]
+    micro_batches, seq_len = batcher.micro_batches(0)
+    results = {}
+    for key, fields in SWEEP.items():
+        loss_cfg = LossConfig(**fields)
+        loss_cfg.validate()
+        for chunk in trainer.model:
+            chunk.zero_grad_buffer()
+        reports = run_forward_backward(
+            trainer.model, micro_batches, seq_len, loss_cfg, trainer.cfg.model.vocab_size
+        )
+        with checkpointing.grads_as_params(trainer.model):
+            checkpointing.save_tensors(out / key / "grads", trainer.model)
+        results[key] = reduce_reports(reports, loss_cfg)
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+    moe.reset_aux_loss()  # nothing of the sweep reaches step 1's metrics
+    return results
 
 
 def _names(tensors) -> list[str]:
@@ -200,7 +233,9 @@ def run_layout(name: str, out: Path, data: str) -> None:
     dist.all_gather_object(scored, rows)
     eval_rows = next(r for r in scored if r is not None)
 
-    checks: dict[str, float] = {}
+    checks: dict = {}
+    if name in SWEEP_LAYOUTS:
+        checks["sweep"] = objective_sweep(trainer, out / name / "sweep")
     LOSS_DTYPES.clear()
 
     def export_grads() -> None:

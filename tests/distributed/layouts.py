@@ -171,6 +171,29 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+#: Every objective and loss variant, run forward and backward once at the initial weights of each
+#: SWEEP_LAYOUTS layout on its first global batch (8 pairs of uneven lengths, one-token responses,
+#: non-unit weights; reference log-probs from :func:`synthetic_reference`), without an update:
+#: losses, metrics and full gradients compared with the single process ``tp1``'s (test_layouts).
+SWEEP = {
+    "simpo": {"objective": "simpo", "beta": 2.5, "gamma_beta_ratio": 0.4, "sft_weight": 0.1},
+    "simpo-hinge": {"objective": "simpo", "beta": 2.5, "simpo_gamma": 1.0, "loss_type": "hinge"},
+    "simpo-smoothed": {"objective": "simpo", "beta": 2.5, "label_smoothing": 0.2},
+    "dpo": {"objective": "dpo", "beta": 0.5},
+    "dpo-smoothed": {"objective": "dpo", "beta": 0.5, "label_smoothing": 0.2, "sft_weight": 0.3},
+    "ipo": {"objective": "ipo", "beta": 0.5},
+    "dpo-hinge": {"objective": "dpo-hinge", "beta": 0.5},
+    "dpo-norm": {"objective": "dpo-norm", "beta": 2.5, "label_smoothing": 0.1},
+    "cpo": {"objective": "cpo", "beta": 0.5, "cpo_alpha": 0.5},
+    "cpo-smoothed": {"objective": "cpo", "beta": 0.5, "label_smoothing": 0.2},
+    "cpo-hinge": {"objective": "cpo", "beta": 0.5, "loss_type": "hinge", "cpo_alpha": 0.3},
+    "cpo-ipo": {"objective": "cpo", "beta": 0.5, "loss_type": "ipo", "sft_reduction": "pair"},
+    "orpo": {"objective": "orpo", "beta": 0.5, "orpo_alpha": 0.7},
+}
+#: PP2 (8 one-pair micro-batches through 1F1B) and TP2 x PP2, inside the matrix's own worlds.
+SWEEP_LAYOUTS = ("tp1", "pp2", "tp2_pp2")
+
+
 def synthetic_reference(pair):
     """``pair`` with reference log-probs (a deterministic function of its ids, near the tiny
     model's ~-log 32 per token, varied per pair), the same at every layout."""

@@ -17,6 +17,7 @@ LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", "2"],
     "pp2": ["--pipeline-model-parallel-size", "2"],
     "dp2": [],  # TP1 PP1 on 2 ranks: data parallel
+    "bf16": ["--precision", "bf16"],  # dp2 with bf16 params (log-probs summed in fp32)
 }
 
 
@@ -33,8 +34,7 @@ def main() -> None:
             "32",
             "--micro-batch-size",
             "3",
-            "--precision",
-            "fp32",
+            *([] if "--precision" in flags else ["--precision", "fp32"]),
             "--force",
             *flags,
         ]

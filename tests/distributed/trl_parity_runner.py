@@ -4,8 +4,9 @@
 
 ``DIR/ckpt`` is the converted policy; ``DIR/cases.json`` a list of ``{"name", "loss" (LossConfig
 fields), "pairs" (prompt_ids, chosen_ids, rejected_ids and, for the DPO family, ref_chosen_logp,
-ref_rejected_logp)}``. For each layout (tp1: data parallel over the 2 ranks; tp2) each case is
-scored by ``evaluate``'s machinery (``score_pairs``, ``summarize``), fp32, into
+ref_rejected_logp)}``. For each layout (tp1: data parallel over the 2 ranks; tp2; tp1_bf16: tp1
+with bf16 params, log-probs accumulated in fp32 as in training) each case is scored by
+``evaluate``'s machinery (``score_pairs``, ``summarize``) into
 ``DIR/<name>_<layout>.json`` (``per_pair`` rows and the batch ``summary``).
 """
 
@@ -28,7 +29,8 @@ from megatron_simpo.data import Pair  # noqa: E402
 from megatron_simpo.evaluate import score_pairs, summarize  # noqa: E402
 from megatron_simpo.model import build_model  # noqa: E402
 
-LAYOUTS = {"tp1": 1, "tp2": 2}
+#: name -> (tensor-parallel size, precision).
+LAYOUTS = {"tp1": (1, "fp32"), "tp2": (2, "fp32"), "tp1_bf16": (1, "bf16")}
 
 
 def main() -> None:
@@ -36,11 +38,11 @@ def main() -> None:
     ap.add_argument("--root", required=True)
     root = Path(ap.parse_args().root)
     cases = json.loads((root / "cases.json").read_text())
-    for layout, tp in LAYOUTS.items():
+    for layout, (tp, precision) in LAYOUTS.items():
         cfg = RunConfig()
         cfg.model = checkpoint_model_config(str(root / "ckpt"))
         cfg.parallel.tensor_model_parallel_size = tp
-        cfg.train.precision = "fp32"
+        cfg.train.precision = precision
         cfg.train.micro_batch_size = 2
         cfg.train.load = str(root / "ckpt")
         parallel.init_model_parallel(tp, 1, None, seed=0)
