@@ -23,7 +23,7 @@ from megatron_simpo.data.packing import (
     check_attention_supports_mask,
     per_sequence_rope,
 )
-from megatron_simpo.fused_logprobs import HiddenStatesGPTModel
+from megatron_simpo.fused_logprobs import HiddenStatesGPTModel, scored_positions
 from megatron_simpo.model import model_device, unwrap
 
 
@@ -34,7 +34,12 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
     checked: set[int] = set()
 
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+        core = unwrap(model)
+        head = core if isinstance(core, HiddenStatesGPTModel) else None
+        batch = next(data_iterator)
+        if head is not None and core.post_process:  # on the host, before the transfer
+            batch = {**batch, "scored_index": scored_positions(batch["loss_mask"])}
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         if "segment_ids" in batch:  # packed rows: block-diagonal mask, per-sequence RoPE
             if id(model) not in checked:
                 check_attention_supports_mask(model)
@@ -44,8 +49,6 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
                 output = model(batch["tokens"], batch["position_ids"], mask)
         else:
             output = model(batch["tokens"], batch["position_ids"], None)
-        core = unwrap(model)
-        head = core if isinstance(core, HiddenStatesGPTModel) else None
         return output, partial(batch_loss.loss_func, loss_cfg, vocab_size, batch, head=head)
 
     return forward_step
