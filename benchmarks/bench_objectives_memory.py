@@ -9,9 +9,10 @@ Llama-shaped Megatron-Core GPT through ``Trainer`` (fp32, SDPA, AdamW, one gloo 
 long-tailed pairs (``synthetic.py``) and times ``--steps`` optimizer steps after one warm-up:
 
 * ``simpo``: ``--loss simpo`` (no reference anywhere).
-* ``dpo-precomputed``: ``--loss dpo`` with the reference log-probs attached to the pairs, as
-  ``megatron-simpo score-reference`` leaves them; they come from a separate one-off scoring
-  process (``score``: the reference model's forward over all pairs, timed and reported too).
+* ``dpo-precomputed``: ``--loss dpo`` reading the reference log-probs from the prepared data's
+  reference columns, as ``megatron-simpo score-reference`` leaves them; they come from a separate
+  one-off scoring process (``score``: the reference model's forward over all pairs, timed and
+  reported too).
 * ``dpo-resident``: ``--loss dpo`` with the reference model built in the same process (weights
   only: no gradients or optimizer state) and run forward on each step's micro-batches before the
   policy's forward-backward -- the layout of trainers that keep the reference in memory.
@@ -73,20 +74,31 @@ def param_bytes(chunks) -> int:
     return sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
 
 
-class WithReference:
-    """Pairs with their precomputed reference log-probs (``[(chosen, rejected)]`` by index)."""
+def with_reference_columns(cfg, work: Path, variant: str) -> str:
+    """``work/pairs.jsonl`` prepared as a run prepares it, with the ``score`` variant's reference
+    log-probs (``reference_logps.json``, in the same pair order) as its reference columns, as
+    ``megatron-simpo score-reference`` writes them. Returns the prepared directory."""
+    from megatron_simpo.data import _options
+    from megatron_simpo.data.prepare import (
+        PreparedPairs,
+        prepare,
+        tokenisation_of,
+        write_reference_columns,
+    )
 
-    def __init__(self, pairs, refs: list[tuple[float, float]]) -> None:
-        self.pairs, self.refs = pairs, refs
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int):
-        import dataclasses
-
-        c, r = self.refs[i]
-        return dataclasses.replace(self.pairs[i], ref_chosen_logp=c, ref_rejected_logp=r)
+    dest = work / f"prepared-{variant}"
+    prepare(str(work / "pairs.jsonl"), dest, tokenizer=None, opts=_options(cfg), quiet=True)
+    refs = json.loads((work / "reference_logps.json").read_text())
+    pairs = PreparedPairs(dest)
+    columns = {
+        "ref_chosen_logps": [c for c, _ in refs],
+        "ref_rejected_logps": [r for _, r in refs],
+        "ref_chosen_tokens": [len(p.chosen_ids) for p in pairs],
+        "ref_rejected_tokens": [len(p.rejected_ids) for p in pairs],
+    }
+    record = {"checkpoint": str(work / "reference"), "tokenisation": tokenisation_of(pairs.info)}
+    write_reference_columns(dest, columns, record)
+    return str(dest)
 
 
 def reference_logps(model, micro_batches, seq_len, cfg) -> None:
@@ -123,6 +135,8 @@ def child(args) -> dict:
     variant = args.variant
     objective = "simpo" if variant in ("simpo", "score") else "dpo"
     cfg = run_config(args, work / "pairs.jsonl", objective)
+    if objective == "dpo":  # both DPO variants read the columns (the resident one recomputes)
+        cfg.data.data_path = with_reference_columns(cfg, work, variant)
     trainer = Trainer(cfg)
     trainer.setup()
     out: dict = {"variant": variant, "policy_param_gib": param_bytes(trainer.model) / 2**30}
@@ -142,10 +156,7 @@ def child(args) -> dict:
         out["peak_gib"] = peak_memory_gib()
         return out
     ref_model = None
-    if variant == "dpo-precomputed":
-        refs = [tuple(x) for x in json.loads((work / "reference_logps.json").read_text())]
-        trainer.batcher.pairs = WithReference(trainer.batcher.pairs, refs)
-    elif variant == "dpo-resident":
+    if variant == "dpo-resident":
         ref_model = build_model(cfg)
         checkpointing.load_checkpoint(str(work / "reference"), ref_model)
         for chunk in ref_model:

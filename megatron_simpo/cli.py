@@ -4,13 +4,15 @@ Commands:
     train                 SimPO training; run under ``torchrun`` for several processes.
     evaluate              SimPO metrics of a checkpoint on a preference file (any TP/PP).
     prepare               Validate, tokenise and truncate preference data ahead of training.
+    score-reference       Reference log-probs of a checkpoint into a prepared dataset (DPO family).
     convert hf-to-mcore   Import a Hugging Face Llama/Mistral/Qwen2/Qwen3 directory as a checkpoint.
     convert mcore-to-hf   Export a checkpoint (any layout) as a Hugging Face directory.
     plot                  PNG dashboard of one or more runs' metrics.jsonl (overlaid).
     plan                  Per-GPU memory (SimPO vs DPO+reference) and layouts that fit.
 
 Flags are generated from the config dataclasses (``megatron_simpo/config.py``): every field
-``foo_bar`` is ``--foo-bar`` (``config.FLAG_NAMES`` adds ``--loss`` for ``objective``); booleans
+``foo_bar`` is ``--foo-bar`` (``config.FLAG_NAMES`` adds ``--loss`` for ``objective``, ``--data``
+for ``data_path``); booleans
 also take ``--no-foo-bar``. ``--config FILE`` reads a YAML file first and ``--model-config`` a
 Hugging Face ``config.json``; flags given on the command line override both.
 """
@@ -98,7 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="SimPO metrics of a checkpoint (no training)", formatter_class=fmt
     )
     evaluate.add_argument("--output", help="write the metrics and per-pair results here (JSON)")
-    for p in (train, evaluate):
+    score = sub.add_parser(
+        "score-reference",
+        help="reference log-probs of --load into a prepared dataset (for --loss dpo/ipo/...)",
+        formatter_class=fmt,
+    )
+    score.add_argument(
+        "--force", action="store_true", help="score again even if the columns are up to date"
+    )
+    for p in (train, evaluate, score):
         p.add_argument("--config", help="YAML file with sections " + ", ".join(SECTIONS))
         p.add_argument("--model-config", help="Hugging Face config.json (or its directory)")
         _add_config_flags(p)
@@ -281,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         # Expected on CPU: Megatron-Core says so once per process and module; not actionable.
         warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
     try:
-        if args.command in ("train", "evaluate", "convert"):  # the commands that run Megatron
+        if args.command in ("train", "evaluate", "score-reference", "convert"):  # Megatron's
             compat.check_mcore_version()
         if args.command == "convert" and args.direction == "hf-to-mcore":
             from megatron_simpo.convert.hf import hf_to_mcore
@@ -340,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_simpo.evaluate import evaluate
 
             evaluate(cfg, args.output)
+        elif args.command == "score-reference":
+            from megatron_simpo.score_reference import score_reference
+
+            score_reference(cfg, force=args.force)
     except SimPOError as e:
         print(f"megatron-simpo: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -175,7 +175,7 @@ DEFAULT_BETA_OTHERS = 0.1
 #: ``--loss-type`` values each objective accepts (the first is the default).
 LOSS_TYPES = {"simpo": ("sigmoid", "hinge"), "cpo": ("sigmoid", "hinge", "ipo")}
 #: CLI spelling of fields whose flag is not ``--field-name`` (the field name's spelling also works).
-FLAG_NAMES = {"objective": "--loss"}
+FLAG_NAMES = {"objective": "--loss", "data_path": "--data"}
 
 
 @dataclass

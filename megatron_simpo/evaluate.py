@@ -76,10 +76,15 @@ def collate_group(
 
 
 def score_pairs(
-    model: list, cfg: RunConfig, pairs: Sequence[Pair], show_progress: bool = False
+    model: list,
+    cfg: RunConfig,
+    pairs: Sequence[Pair],
+    show_progress: bool = False,
+    desc: str = "evaluate",
 ) -> list[dict] | None:
-    """Per-pair SimPO results (forward only; collective). Returns the rows in ``pairs`` order on
-    the writing rank (first rank of the last pipeline stage), None on the others."""
+    """Per-pair results of the ``--loss`` objective (forward only; collective). Returns the rows
+    in ``pairs`` order on the writing rank (first rank of the last pipeline stage, after a
+    gather over data-parallel ranks), None on the others. ``desc`` names the progress line."""
     p = cfg.parallel
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_rank = -(-len(pairs) // dp)
@@ -97,7 +102,7 @@ def score_pairs(
         starts = list(range(lo, hi, mbs))
         groups = [starts[g : g + group] for g in range(0, len(starts), group)]
         show = show_progress and dist.get_rank() == 0
-        for firsts in progress(groups, "evaluate", unit="micro-batches", enabled=show):
+        for firsts in progress(groups, desc, unit="micro-batches", enabled=show):
             chunks = [[pairs[j] for j in range(i, min(i + mbs, hi))] for i in firsts]
             batches, seq_len = collate_group(chunks, cfg, pad)
             batches += [batches[-1]] * (group - len(batches))

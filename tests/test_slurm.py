@@ -540,3 +540,61 @@ def test_stop_checkpoint_then_requeue_without_scontrol_exits_0(tmp_path):
     assert _tracker(tmp_path / "ckpt") == 1
     assert "scontrol not found in this environment" in r.stdout, r.stdout
     assert (tmp_path / "requeue").read_text() == "42"
+
+
+@pytest.mark.parametrize("container", [False, True], ids=["venv", "container"])
+def test_dpo_script_scores_the_reference_then_trains(tmp_path, container):
+    """slurm/dpo_llama3_8b.sbatch, run by bash with stand-ins for srun/scontrol: prepare, then a
+    score-reference step of the reference checkpoint over the prepared directory, then
+    ``train --loss dpo`` on that directory; both commands parse and validate at the job's world
+    size, at the same precision, each with its own rendezvous port."""
+    from dataclasses import asdict
+
+    from megatron_simpo.cli import build_parser, config_from_args
+    from megatron_simpo.plan import load_model
+
+    init = tmp_path / "init"
+    (init / "iter_0000000").mkdir(parents=True)
+    (init / "latest_checkpointed_iteration.txt").write_text("0")
+    run_state = {"config": {"model": asdict(load_model("llama3-8b"))}}
+    (init / "iter_0000000" / "run_state.json").write_text(json.dumps(run_state))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (tmp_path / "pairs.jsonl").write_text("")
+    env = {
+        "HF_MODEL": str(hf),
+        "INIT_CKPT": str(init),
+        "DATA": str(tmp_path / "pairs.jsonl"),
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "gpu1",
+    }
+    steps, _ = _run_script(tmp_path, "dpo_llama3_8b.sbatch", env, container)
+    _check_step_environment(steps, container, [REPO, tmp_path / "run", hf, init, tmp_path])
+    (_, prep_argv), (_, score_argv), (_, train_argv) = steps
+    prep = build_parser().parse_args(prep_argv[prep_argv.index("python") + 3 :])
+    assert prep.command == "prepare" and prep.max_length == 2048
+    cfgs, ports = {}, set()
+    for argv in (score_argv, train_argv):
+        cut = argv.index("megatron_simpo")
+        launch, cmd = argv[:cut], argv[cut + 1 :]
+        assert "megatron_simpo.launch" in launch and "--kill-on-bad-exit=1" in launch
+        ports.add(launch[launch.index("--rdzv-endpoint") + 1])
+        args = build_parser().parse_args(cmd)
+        cfg = config_from_args(args)
+        cfg.validate(world_size=8, training=args.command == "train")
+        cfgs[args.command] = cfg
+    assert set(cfgs) == {"score-reference", "train"} and len(ports) == 2
+    score, train = cfgs["score-reference"], cfgs["train"]
+    assert score.data.data_path == train.data.data_path == prep.output  # scored in place
+    assert score.train.load == train.train.load == str(init)  # reference = starting model
+    assert score.train.precision == train.train.precision == "bf16"
+    assert (
+        score.parallel.tensor_model_parallel_size,
+        score.parallel.pipeline_model_parallel_size,
+    ) == (1, 1)
+    assert train.loss.objective == "dpo" and train.loss.resolved_beta == 0.01
+    assert (
+        train.parallel.tensor_model_parallel_size,
+        train.parallel.pipeline_model_parallel_size,
+    ) == (1, 2)
+    assert score.train.seq_length == train.train.seq_length == 2048

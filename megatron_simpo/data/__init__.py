@@ -260,9 +260,17 @@ def _rank() -> int:
 def prepare_for_run(cfg) -> None:
     """Prepares the run's raw data (``--data-path``, ``--eval-data-path``) before any process
     group exists: rank 0 tokenises, the other ranks wait on the cache without a collective
-    timeout. Called by ``train`` and ``evaluate`` before ``init_process_group``."""
+    timeout. Called by ``train`` and ``evaluate`` before ``init_process_group``. The DPO family
+    refuses raw data here, before tokenising: its reference columns live in a prepared dataset."""
     d = cfg.data
-    for path in (d.data_path, d.eval_data_path):
+    for flag, path in (("--data", d.data_path), ("--eval-data-path", d.eval_data_path)):
+        if path and cfg.loss.needs_reference and not is_prepared(path):
+            raise DataError(
+                f"{flag} {path}: --loss {cfg.loss.objective} reads reference log-probs from a "
+                f"prepared dataset: run `megatron-simpo prepare --data-path {path} --output DIR`, "
+                "then `megatron-simpo score-reference --load <reference ckpt> --data DIR`, and "
+                f"pass {flag} DIR"
+            )
         if path:
             ensure_prepared(
                 path,
@@ -277,7 +285,8 @@ def prepare_for_run(cfg) -> None:
 
 def pairs_for(cfg, path: str) -> PreparedPairs:
     """``load_pairs`` with a run config's options, checked against the run (no collective):
-    ``--seq-length``, the run's tokenizer and the model's vocabulary (``data/checks.py``)."""
+    ``--seq-length``, the run's tokenizer and the model's vocabulary, the DPO family's reference
+    columns (``data/checks.py``)."""
     from megatron_simpo.data.checks import check_for_run
     from megatron_simpo.data.prepare import load_tokenizer, tokenizer_fingerprint
 
@@ -301,5 +310,7 @@ def pairs_for(cfg, path: str) -> PreparedPairs:
         vocab_size=cfg.model.vocab_size,
         tokenizer=tokenizer,
         tokenizer_fingerprint=fp,
+        objective=cfg.loss.objective,
+        max_length=d.max_length,
     )
     return pairs

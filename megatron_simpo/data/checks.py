@@ -2,7 +2,8 @@
 
 A prepared directory may come from another machine, an older version or other options, so what
 it records (``prepared.json``) and what it holds (its Arrow columns, scanned vectorised) are
-compared with the run's ``--seq-length``, tokenizer and model vocabulary before anything is built.
+compared with the run's ``--seq-length``, tokenizer and model vocabulary before anything is built,
+and, for the DPO family, its reference columns with the data and the run (``score-reference``).
 Each refusal names the directory (and the pair's source ``file:line``) and the fix.
 """
 
@@ -11,7 +12,12 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from megatron_simpo.data.prepare import PREPARE_VERSION, PreparedPairs
+from megatron_simpo.data.prepare import (
+    PREPARE_VERSION,
+    REFERENCE_KEY,
+    PreparedPairs,
+    tokenisation_of,
+)
 from megatron_simpo.errors import DataError
 
 _ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -86,6 +92,8 @@ def check_for_run(
     vocab_size: int,
     tokenizer: str | None = None,
     tokenizer_fingerprint: dict[str, Any] | None = None,
+    objective: str = "simpo",
+    max_length: int | None = None,
 ) -> None:
     """Refuses (DataError) a prepared dataset the run cannot use as it is.
 
@@ -95,6 +103,9 @@ def check_for_run(
         vocab_size: the model's vocabulary (unpadded); every id must be below it.
         tokenizer: the run's tokenizer directory, if known (named in messages).
         tokenizer_fingerprint: its :func:`~megatron_simpo.data.prepare.tokenizer_fingerprint`.
+        objective: the run's ``--loss``; the DPO family needs the reference columns
+            (:func:`check_reference`).
+        max_length: the run's ``--max-length`` if given explicitly.
     """
     info, where = pairs.info, pairs.path
     opts = info.get("options", {})
@@ -105,10 +116,10 @@ def check_for_run(
             "re-run `megatron-simpo prepare` to record it",
             stacklevel=2,
         )
-    max_length = opts.get("max_length")
-    if max_length is not None and max_length > seq_length:
+    prepared_length = opts.get("max_length")
+    if prepared_length is not None and prepared_length > seq_length:
         raise DataError(
-            f"{where} was prepared with --max-length {max_length} but --seq-length is "
+            f"{where} was prepared with --max-length {prepared_length} but --seq-length is "
             f"{seq_length}: re-run prepare with --max-length {seq_length} or raise --seq-length"
         )
     i, n = longest_pair(pairs)
@@ -139,4 +150,81 @@ def check_for_run(
         raise DataError(
             f"{where_of(pairs, w[0])}: weight {w[1]} is not a finite number >= 0; fix the row "
             "and re-run prepare"
+        )
+    from megatron_simpo.loss import NEEDS_REFERENCE
+
+    if objective in NEEDS_REFERENCE:
+        check_reference(
+            pairs,
+            objective=objective,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            max_length=max_length,
+        )
+
+
+def first_reference_count_mismatch(pairs: PreparedPairs) -> tuple[int, str, int, int] | None:
+    """(pair index, response, scored tokens, tokens now) of the first pair whose reference token
+    count (``ref_chosen_tokens`` / ``ref_rejected_tokens``) is not its response's length."""
+    import pyarrow.compute as pc
+
+    table = _columns(pairs)
+    for side in ("chosen", "rejected"):
+        now = pc.list_value_length(table.column(f"{side}_ids"))
+        scored = table.column(f"ref_{side}_tokens")
+        bad = _first(pc.not_equal(pc.cast(now, "int64"), pc.cast(scored, "int64")))
+        if bad is not None:
+            return bad, side, scored[bad].as_py(), now[bad].as_py()
+    return None
+
+
+def check_reference(
+    pairs: PreparedPairs,
+    *,
+    objective: str,
+    tokenizer_fingerprint: dict[str, Any] | None = None,
+    max_length: int | None = None,
+) -> None:
+    """Refuses (DataError) a dataset without up-to-date reference log-probs (``--loss`` of the
+    DPO family): columns missing, scored with another max length than the data or this run's
+    ``--max-length``, or stale (another tokenisation than the data's or this run's tokenizer,
+    token counts that are not the responses' lengths)."""
+    where = pairs.path
+    fix = f"`megatron-simpo score-reference --load <reference ckpt> --data {where}`"
+    rec = pairs.info.get(REFERENCE_KEY)
+    if not pairs.has_reference or not rec:
+        raise DataError(
+            f"{where} has no reference log-probs (columns ref_chosen_logps, ref_rejected_logps), "
+            f"which --loss {objective} needs: run {fix} first"
+        )
+    scored, now = rec.get("tokenisation", {}), tokenisation_of(pairs.info)
+    for length, what in ((now["max_length"], "the data"), (max_length, "this run")):
+        if what == "this run" and length is None:
+            continue
+        if scored.get("max_length") != length:
+            raise DataError(
+                f"{where}: the reference log-probs were scored with --max-length "
+                f"{scored.get('max_length')} but {what} has --max-length {length}: prepare the "
+                f"data with the run's --max-length and run {fix} again"
+            )
+    stale = [k for k in now if scored.get(k) != now[k]]
+    if stale:
+        raise DataError(
+            f"{where}: stale reference log-probs (scored with another tokenisation: "
+            f"{', '.join(f'{k} {scored.get(k)!r} != {now[k]!r}' for k in stale)}): "
+            f"re-run score-reference ({fix} --force)"
+        )
+    run_sha = (tokenizer_fingerprint or {}).get("sha256")
+    if run_sha and scored.get("tokenizer_sha256") and run_sha != scored["tokenizer_sha256"]:
+        raise DataError(
+            f"{where}: stale reference log-probs (scored on ids of tokenizer "
+            f"{scored['tokenizer_sha256']}, this run's tokenizer is {run_sha}): re-run "
+            f"score-reference ({fix} --force) after preparing with this tokenizer"
+        )
+    bad = first_reference_count_mismatch(pairs)
+    if bad is not None:
+        i, side, then, n = bad
+        raise DataError(
+            f"{where_of(pairs, i)}: stale reference log-probs (the {side} response has {n} "
+            f"tokens, its reference was scored on {then}): re-run score-reference "
+            f"({fix} --force)"
         )

@@ -12,7 +12,8 @@ raw data runs the same code into a cache keyed by a fingerprint of the inputs (d
 tokenizer files, options), so the same inputs are never tokenised twice.
 
 Output: ``OUT/pairs`` (``datasets.save_to_disk``: prompt_ids, chosen_ids, rejected_ids, weight,
-row) and ``OUT/prepared.json`` (summary, options, fingerprint).
+row, where) and ``OUT/prepared.json`` (summary, options, fingerprint). ``megatron-simpo
+score-reference`` later adds the reference columns (:data:`REFERENCE_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -398,15 +399,90 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Columns that ``megatron-simpo score-reference`` adds to ``OUT/pairs``: the reference
+#: model's summed log-prob of each response's tokens (float64: it holds the scored fp32-or-wider
+#: sum exactly, and the DPO family subtracts it from the policy's in float64) and their count.
+REFERENCE_COLUMNS = (
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "ref_chosen_tokens",
+    "ref_rejected_tokens",
+)
+#: Key of ``prepared.json`` describing them (reference checkpoint, tokenisation fingerprints).
+REFERENCE_KEY = "reference"
+
+
+def pairs_dir(info: dict[str, Any]) -> str:
+    """The subdirectory holding the Arrow columns (``score-reference`` writes a new one and then
+    switches ``prepared.json`` to it, so that a crash never leaves a half-written dataset)."""
+    return info.get("pairs_dir", "pairs")
+
+
+def write_reference_columns(
+    path: str | Path, columns: dict[str, Sequence[float] | Sequence[int]], record: dict[str, Any]
+) -> None:
+    """Adds (or replaces) :data:`REFERENCE_COLUMNS` of the prepared dataset at ``path``, one value
+    per pair in dataset order, and records ``record`` under :data:`REFERENCE_KEY`.
+
+    Atomic: the dataset with the new columns is saved to a fresh subdirectory, then
+    ``prepared.json`` is replaced (tmp file + rename) to point at it, then the old subdirectory is
+    removed. A crash before the rename leaves the dataset as it was (the leftover is removed by
+    the next call); after it, the new dataset is complete.
+    """
+    import datasets
+
+    path = Path(path)
+    info = json.loads((path / MARKER).read_text())
+    old = pairs_dir(info)
+    new = "pairs.1" if old == "pairs" else "pairs"
+    ds = datasets.load_from_disk(str(path / old))
+    if set(columns) != set(REFERENCE_COLUMNS):
+        raise ValueError(f"expected the columns {REFERENCE_COLUMNS}, got {sorted(columns)}")
+    if any(len(v) != len(ds) for v in columns.values()):
+        raise ValueError(f"{path}: {len(ds)} pairs but {[len(v) for v in columns.values()]} values")
+    ds = ds.remove_columns([c for c in REFERENCE_COLUMNS if c in ds.column_names])
+    for name in REFERENCE_COLUMNS:
+        kind = "float64" if name.endswith("_logps") else "int32"
+        ds = ds.add_column(name, list(columns[name]), feature=datasets.Value(kind))
+    if (path / new).exists():
+        shutil.rmtree(path / new)  # a leftover of an interrupted earlier call
+    bars = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()  # a bar per save clutters the job's log
+    try:
+        ds.save_to_disk(str(path / new))
+    finally:
+        if bars:
+            datasets.utils.enable_progress_bars()
+    tmp = path / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({**info, "pairs_dir": new, REFERENCE_KEY: record}, indent=1))
+    tmp.replace(path / MARKER)
+    shutil.rmtree(path / old)
+
+
+def tokenisation_of(info: dict[str, Any]) -> dict[str, Any]:
+    """The tokenisation a prepared dataset's ids come from (its ``prepared.json``): the tokenizer
+    fingerprint and the options that shape the ids (max length, truncation)."""
+    opts = info.get("options", {})
+    keys = ("schema", "max_length", "max_prompt_length", "truncation_mode", "truncation_rule")
+    fp = info.get("tokenizer_fingerprint") or {}
+    return {
+        "tokenizer_sha256": fp.get("sha256"),
+        "version": info.get("version"),
+        **{k: opts.get(k) for k in keys},
+    }
+
+
 class PreparedPairs(Sequence[Pair]):
-    """A prepared dataset as a sequence of :class:`Pair` (memory-mapped, rows read on demand)."""
+    """A prepared dataset as a sequence of :class:`Pair` (memory-mapped, rows read on demand);
+    with :data:`REFERENCE_COLUMNS` each pair carries its reference log-probs."""
 
     def __init__(self, path: str | Path) -> None:
         import datasets
 
         self.path = Path(path)
         self.info = json.loads((self.path / MARKER).read_text())
-        self._ds = datasets.load_from_disk(str(self.path / "pairs"))
+        self._ds = datasets.load_from_disk(str(self.path / pairs_dir(self.info)))
+        self.has_reference = set(REFERENCE_COLUMNS) <= set(self._ds.column_names)
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -418,6 +494,8 @@ class PreparedPairs(Sequence[Pair]):
             tuple(r["chosen_ids"]),
             tuple(r["rejected_ids"]),
             float(r["weight"]),
+            float(r["ref_chosen_logps"]) if self.has_reference else None,
+            float(r["ref_rejected_logps"]) if self.has_reference else None,
         )
 
     def source_rows(self) -> list[int]:

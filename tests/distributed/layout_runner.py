@@ -32,7 +32,13 @@ import torch.distributed as dist  # noqa: E402
 from megatron_simpo import batch_loss, checkpointing  # noqa: E402
 from megatron_simpo.batch_loss import reduce_reports  # noqa: E402
 from megatron_simpo.config import RunConfig  # noqa: E402
-from megatron_simpo.data import Subset  # noqa: E402
+from megatron_simpo.data import Subset, _options  # noqa: E402
+from megatron_simpo.data.prepare import (  # noqa: E402
+    PreparedPairs,
+    prepare,
+    tokenisation_of,
+    write_reference_columns,
+)
 from megatron_simpo.evaluate import score_pairs  # noqa: E402
 from megatron_simpo.step import run_forward_backward  # noqa: E402
 from megatron_simpo.train import Trainer  # noqa: E402
@@ -71,17 +77,25 @@ def directional_derivative(trainer: Trainer, eps: float = 1e-3) -> dict[str, flo
     return {"grad_l2": norm, "fd_slope": slope}
 
 
-class WithReference:
-    """A sequence of pairs with :func:`layouts.synthetic_reference` log-probs attached."""
-
-    def __init__(self, pairs) -> None:
-        self.pairs = pairs
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int):
-        return synthetic_reference(self.pairs[i])
+def with_reference_columns(cfg: RunConfig, data: str, dest: Path) -> str:
+    """``data`` prepared into ``dest`` as a run prepares raw data, with the
+    :func:`layouts.synthetic_reference` log-probs as its reference columns, written as
+    ``megatron-simpo score-reference`` writes them (rank 0; the others wait). Returns ``dest``."""
+    if dist.get_rank() == 0:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        prepare(data, dest, tokenizer=None, opts=_options(cfg), quiet=True)
+        pairs = [synthetic_reference(p) for p in PreparedPairs(dest)]
+        columns = {
+            "ref_chosen_logps": [p.ref_chosen_logp for p in pairs],
+            "ref_rejected_logps": [p.ref_rejected_logp for p in pairs],
+            "ref_chosen_tokens": [len(p.chosen_ids) for p in pairs],
+            "ref_rejected_tokens": [len(p.rejected_ids) for p in pairs],
+        }
+        tokenisation = tokenisation_of(PreparedPairs(dest).info)
+        record = {"checkpoint": "layouts.synthetic_reference", "tokenisation": tokenisation}
+        write_reference_columns(dest, columns, record)
+    dist.barrier()
+    return str(dest)
 
 
 def _names(tensors) -> list[str]:
@@ -127,11 +141,11 @@ def run_layout(name: str, out: Path, data: str) -> None:
     assert dist.get_world_size() == world, f"{name} needs {world} ranks"
     load = str(out / init_of(name) / "init") if ref else None
     cfg = RunConfig.from_dict(config_dict(name, data, load))
+    if cfg.loss.needs_reference:  # read from the columns, as after `score-reference`
+        cfg.data.data_path = with_reference_columns(cfg, data, out / name / "data")
     trainer = Trainer(cfg)
     start = time.perf_counter()
     trainer.setup()
-    if cfg.loss.needs_reference:  # as `megatron-simpo score-reference` would have written them
-        trainer.batcher.pairs = WithReference(trainer.batcher.pairs)
     if ref is None:
         checkpointing.save_checkpoint(out / name / "init", 0, trainer.model)
     distopt = cfg.parallel.use_distributed_optimizer

@@ -8,7 +8,8 @@ distributed optimizer, whose gradient buffer only holds its own shard after the 
 and the weights after step 3. The bf16 layouts load the same fp32 weights (rounded to bf16) and
 are compared with the bf16 single process ``tp1_bf16`` and with the fp32 ``tp1``. The ``_dpo``
 and ``_orpo`` layouts train those objectives instead (their references ``tp1_dpo``, ``tp1_orpo``);
-DPO's reference log-probs are :func:`synthetic_reference` values attached to the pairs.
+DPO's reference log-probs are :func:`synthetic_reference` values, written into the
+prepared data as the reference columns that ``megatron-simpo score-reference`` writes.
 """
 
 from __future__ import annotations
