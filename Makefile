@@ -22,7 +22,8 @@ MCORE019_DIR := $(abspath $(BARE))/megatron-core-$(MCORE019)
 # Layouts, resume, conversion, packing, export, generate, and the cheap numerics around them.
 MCORE019_TESTS ?= tests/test_cpu_platform.py tests/test_compat.py tests/test_loss.py \
 	tests/test_logprobs.py tests/test_layouts.py tests/test_resume.py tests/test_convert.py \
-	tests/test_packing.py tests/test_export.py tests/test_generate.py tests/test_hf_parity.py
+	tests/test_packing.py tests/test_export.py tests/test_generate.py tests/test_hf_parity.py \
+	tests/test_moe.py
 SOURCES := $(shell find megatron_simpo -name '*.py')
 
 .PHONY: install test test-suite test-install test-mcore019 demo lint format clean gpu-wheels

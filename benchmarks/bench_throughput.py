@@ -70,9 +70,8 @@ def main() -> None:
     import torch.distributed as dist
 
     from megatron_simpo import flops, parallel
-    from megatron_simpo.attention import resolve_attention_backend
     from megatron_simpo.cli import build_parser, config_from_args
-    from megatron_simpo.model import have_transformer_engine
+    from megatron_simpo.model import attention_label
     from megatron_simpo.report import peak_memory_gib
     from megatron_simpo.train import Trainer
 
@@ -132,9 +131,7 @@ def main() -> None:
         "tokens_per_step": tokens / args.steps,
         "model_flops_per_step": model_flops / args.steps,
         "precision": str(trainer.model[0].config.params_dtype),
-        "attention_backend": resolve_attention_backend(
-            cfg.train.attention_backend, have_transformer_engine() and torch.cuda.is_available()
-        ),
+        "attention_backend": attention_label(trainer.cfg),
         "steps": args.steps,
         "seconds_per_step": seconds / args.steps,
         "tokens_per_sec": tokens / seconds,

@@ -5,16 +5,20 @@
 #   make gpu-wheels                        # once, where pip reaches an index: benchmarks/wheels
 #   bash benchmarks/gpu_check.sh OUT_DIR   # on the GPU machine, with benchmarks/wheels carried
 #
-# Stages, each under its own timeout (T_SETUP + T_TESTS + T_PROBE + T_SLICE = 335 s by default;
+# Stages, each under its own timeout (T_SETUP + T_TESTS + T_PROBE + T_THD + T_SLICE = 335 s by
+# default;
 # a stage that ignores SIGTERM is killed 5 s later: 355 s at worst),
 # stdout and stderr of each in OUT_DIR/<stage>.log:
 #   setup       install the carried wheels (pip --no-index --no-deps --target $GPU_CHECK_SITE,
 #               put on PYTHONPATH) and report the environment (benchmarks/gpu_env.py): versions,
 #               the GPU, any module still missing (the stage then fails, naming the wheel to add)
 #   cuda_tests  tests/test_cuda.py: bf16 and fp32 steps vs an fp32 CPU reference (a process
-#               with CUDA hidden, gloo), SDPA vs local, the fused head, packing, CLI save/resume
+#               with CUDA hidden, gloo), SDPA vs local, the fused head, packing, CLI save/resume;
+#               with Transformer Engine also TE padded, TE packed as THD sequences, the defaults
 #   sdpa_probe  benchmarks/probe_sdpa_kernels.py: the SDPA kernel (flash / efficient / cuDNN /
 #               math) that padded and packed attention get, at Llama-3-8B shapes
+#   thd         benchmarks/bench_thd.py: seconds per step of TE padded vs TE packed as THD vs
+#               SDPA packed with the dense mask (TE modes skipped without TE)
 #   slice       benchmarks/bench_gpu_slice.py: Llama-3-8B-shaped slice, bf16, seq 4096, 4 and 8
 #               layers, padded / fused head / packed: tokens/s, TFLOP/s, MFU, per-layer cost
 # then OUT_DIR/summary.txt: each stage ok / failed / skipped with its time, and the tables.
@@ -26,7 +30,7 @@
 # WHEELS (default benchmarks/wheels; empty or absent: the environment is used as it is),
 # GPU_CHECK_SITE (install target, default $TMPDIR/gpu_check_site: outside OUT_DIR),
 # GPU_CHECK_REQUIRE (modules that must import, default benchmarks/gpu_env.py's list),
-# T_SETUP, T_TESTS, T_PROBE, T_SLICE (seconds).
+# T_SETUP, T_TESTS, T_PROBE, T_THD, T_SLICE (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 REPO=$PWD
@@ -37,7 +41,8 @@ PY=${PY:-$([[ -x .venv/bin/python ]] && echo "$REPO/.venv/bin/python" || echo py
 T_SETUP=${T_SETUP:-30}
 T_TESTS=${T_TESTS:-100}
 T_PROBE=${T_PROBE:-25}
-T_SLICE=${T_SLICE:-180}
+T_THD=${T_THD:-60}
+T_SLICE=${T_SLICE:-120}
 mkdir -p "$OUT_DIR" || exit 1
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 export PYTHONPATH="$GPU_CHECK_SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -123,6 +128,8 @@ stage setup "$T_SETUP" 0 bash -c setup
 stage cuda_tests "$T_TESTS" 1 "$PY" -m pytest -v -rA -p no:cacheprovider tests/test_cuda.py
 stage sdpa_probe "$T_PROBE" 1 "$PY" benchmarks/probe_sdpa_kernels.py "${TINY[@]}" \
     --json "$OUT_DIR/sdpa_probe.json"
+# Three runs; each gets a third of the stage (less 5 s for the table).
+stage thd "$T_THD" 1 "$PY" benchmarks/bench_thd.py "${TINY[@]}" --timeout $(((T_THD - 5) / 3))
 # The slice keeps 15 s of its stage for the tables; its runs stop when that budget is spent.
 stage slice "$T_SLICE" 1 "$PY" benchmarks/bench_gpu_slice.py "${TINY[@]}" \
     --budget-s $((T_SLICE - 15)) --json "$OUT_DIR/slice.json"
@@ -133,7 +140,7 @@ stage slice "$T_SLICE" 1 "$PY" benchmarks/bench_gpu_slice.py "${TINY[@]}" \
     for i in "${!NAMES[@]}"; do
         printf '%-12s %-40s %s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
     done
-    for name in cuda_tests sdpa_probe slice; do
+    for name in cuda_tests sdpa_probe thd slice; do
         [[ -s $OUT_DIR/$name.log ]] || continue
         echo
         echo "-- $name"
@@ -141,7 +148,7 @@ stage slice "$T_SLICE" 1 "$PY" benchmarks/bench_gpu_slice.py "${TINY[@]}" \
             grep -E '^(PASSED|FAILED|ERROR|SKIPPED)|^=+ .*(passed|failed|skipped|error)' \
                 "$OUT_DIR/$name.log"
         else
-            grep -E '^(\||Llama-3-8B slice|Per layer|torch )' "$OUT_DIR/$name.log"
+            grep -E '^(\||Llama-3-8B slice|Per layer|torch |THD packing)' "$OUT_DIR/$name.log"
         fi
     done
 } | tee "$OUT_DIR/summary.txt"

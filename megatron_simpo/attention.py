@@ -24,15 +24,17 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 
 from megatron_simpo.errors import ConfigError
+from megatron_simpo.packed_seq import thd_allowed
 
-BACKENDS = ("auto", "sdpa", "local", "te")
+BACKENDS = ("auto", "sdpa", "local", "te", "flex")
 
 
 def resolve_attention_backend(requested: str, te_available: bool) -> str:
-    """The attention backend to build: ``sdpa``, ``local`` or ``te``.
+    """The attention backend to build: ``sdpa``, ``local``, ``te`` or ``flex``
+    (``flex_attention.py``; whether it works here is ``model.run_attention_backend``'s check).
 
     Args:
-        requested: ``--attention-backend`` (``auto``, ``sdpa``, ``local`` or ``te``).
+        requested: ``--attention-backend`` (``auto``, ``sdpa``, ``local``, ``te`` or ``flex``).
         te_available: Transformer Engine importable and CUDA present.
     """
     if requested not in BACKENDS:
@@ -123,20 +125,28 @@ class SDPAttention(MegatronModule):
             attention_mask: None (causal by ``attn_mask_type``) or bool, broadcastable to
                 ``[b, heads, sq, sk]``, True where attention is *not* allowed (Megatron's
                 convention; the mask replaces the causal one, as in ``DotProductAttention``).
+            packed_seq_params: THD ``PackedSeqParams`` (then query/key/value are ``[t, n, d]``
+                and each ``cu_seqlens_q`` span attends causally to itself, as TE computes it).
 
         Returns:
             ``[sq, b, heads * d]``.
         """
-        if packed_seq_params is not None:
-            raise ConfigError("packed sequences need --attention-backend te")
         if attention_bias is not None:
             raise ConfigError("attention bias is not supported by --attention-backend sdpa")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        thd = packed_seq_params is not None
+        if thd:  # [t, n, d]: one stream of sequences (megatron_simpo/packed_seq.py)
+            if packed_seq_params.qkv_format != "thd" or attention_mask is not None:
+                raise ConfigError("--attention-backend sdpa takes packed sequences as THD only")
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         allowed = None
         causal = False
-        if attention_mask is not None:
+        if thd:
+            # The dense reference of TE's THD attention: causal within each cu_seqlens span.
+            allowed = thd_allowed(packed_seq_params.cu_seqlens_q, q.shape[2])
+        elif attention_mask is not None:
             allowed = prepare_mask(attention_mask)
         elif mask_type == AttnMaskType.causal and q.shape[2] > 1:
             causal = True
@@ -154,6 +164,7 @@ class SDPAttention(MegatronModule):
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, **kwargs)
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, **kwargs)
-        # [b, n, s, d] -> [s, b, n * d]
+        # [b, n, s, d] -> [s, b, n * d] (THD: [t, n * d], which Megatron reshapes to [t, 1, -1])
         s, b = out.shape[2], out.shape[0]
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        return out.squeeze(1) if thd else out

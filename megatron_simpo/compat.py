@@ -103,3 +103,30 @@ def async_save_kwargs() -> dict[str, Any]:
     if "async_strategy" not in inspect.signature(dist_checkpointing.save).parameters:
         return {}
     return {"async_strategy": "nvrx" if find_spec("nvidia_resiliency_ext") else "mcore"}
+
+
+#: Names megatron-core 0.16's ``transformer/moe/moe_utils.py`` imports from Transformer Engine
+#: only when TE is installed, yet reads unconditionally (``RouterGatingLinearFunction``, line
+#: 1192: ``if te_general_gemm is not None``): without TE every MoE forward dies with a
+#: NameError. 0.19 binds them to None itself.
+_MOE_TE_NAMES = (
+    "fused_compute_score_for_moe_aux_loss",
+    "fused_moe_aux_loss",
+    "fused_permute",
+    "fused_permute_with_probs",
+    "fused_sort_chunks_by_index",
+    "fused_sort_chunks_by_index_with_probs",
+    "fused_topk_with_score_function",
+    "fused_unpermute",
+    "te_general_gemm",
+)
+
+
+def define_missing_moe_te_names() -> None:
+    """Binds the TE names of :data:`_MOE_TE_NAMES` that ``moe_utils`` lacks to None (its own
+    "not available" value), as 0.19 does; a no-op where TE is installed."""
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in _MOE_TE_NAMES:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)

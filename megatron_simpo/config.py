@@ -23,6 +23,9 @@ from typing import Any, Literal
 from megatron_simpo import families
 from megatron_simpo.errors import ConfigError
 
+#: The ``ModelConfig`` fields of mixture-of-experts models (not written for dense ones).
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob")
+
 
 @dataclass
 class ModelConfig:
@@ -36,6 +39,17 @@ class ModelConfig:
     qk_layernorm: bool = False
     """RMSNorm over each query and key head before RoPE (Qwen3; Megatron-Core's
     ``qk_layernorm``; set from the family at import)."""
+    num_experts: int | None = None
+    """Mixture of experts: routed experts per layer (HF ``num_local_experts`` for Mixtral,
+    ``num_experts`` for Qwen3-MoE); None: a dense MLP."""
+    num_experts_per_tok: int = 2
+    """Mixture of experts: experts each token is routed to (top-k)."""
+    moe_intermediate_size: int | None = None
+    """Mixture of experts: width of one expert's SwiGLU MLP; None: ``intermediate_size``
+    (Mixtral)."""
+    norm_topk_prob: bool = True
+    """Mixture of experts: renormalise the k selected router probabilities to sum to 1 (Mixtral
+    always; Qwen3-MoE's config field); false keeps the softmax over all experts."""
     vocab_size: int = 256
     """Number of real tokens in the vocabulary (before padding for tensor parallelism)."""
     hidden_size: int = 64
@@ -82,8 +96,9 @@ class ModelConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read the model config {p}: {e}") from None
         family = families.check_hf_config(raw, str(p))
-        raw = {family.renames.get(k, k): v for k, v in raw.items()}
+        raw = {family.aliases.get(k, family.renames.get(k, k)): v for k, v in raw.items()}
         raw.update(family.options())
+        raw.update(family.moe_fixed)
         params = dict(raw.get("rope_parameters") or {})
         if params:
             raw.setdefault("rope_theta", params.pop("rope_theta", 10000.0))
@@ -95,6 +110,11 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """Width of one expert's MLP (MoE models)."""
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def head_size(self) -> int:
@@ -113,7 +133,11 @@ class ModelConfig:
         out.update(family.hf_fixed)
         back = {v: k for k, v in family.renames.items()}
         # Layer options are the family's, not HF config fields.
-        skip = {"make_vocab_size_divisible_by", "qkv_bias", "qk_layernorm"}
+        skip = {"make_vocab_size_divisible_by", "qkv_bias", "qk_layernorm", *family.moe_fixed}
+        if self.num_experts is None:
+            skip |= set(MOE_FIELDS)
+        elif self.moe_intermediate_size is None:
+            skip.add("moe_intermediate_size")
         for f in fields(self):
             if f.name not in skip:
                 out[back.get(f.name, f.name)] = getattr(self, f.name)
@@ -135,6 +159,13 @@ class ParallelConfig:
     """Tensor-parallel size (splits heads, MLP and vocabulary)."""
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size (splits layers)."""
+    expert_model_parallel_size: int = 1
+    """Expert-parallel size (EP, mixture-of-experts models): each EP rank holds
+    num_experts / EP experts; tokens reach them by all-to-all. EP ranks are carved out of the
+    data-parallel ranks (dense layers stay data-parallel over them)."""
+    expert_tensor_parallel_size: int | None = None
+    """Tensor-parallel size inside each expert (ETP); None: the --tensor-model-parallel-size
+    (Megatron-Core's default). ETP 1 with TP > 1 keeps experts whole."""
     num_layers_per_virtual_pipeline_stage: int | None = None
     """Layers per virtual pipeline stage (interleaved schedule); None disables it."""
     sequence_parallel: bool = False
@@ -352,16 +383,23 @@ class TrainConfig:
     """Model dtype: 'auto' is bf16 on CUDA, fp32 on CPU. Log-probs are always fp32. fp16 uses a
     dynamic loss scale (from 2**16, halved on overflow; those skipped updates do not count towards
     --max-skipped-iters)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Mixture of experts: weight of the router's load-balancing loss (Switch-Transformer style,
+    Megatron-Core's ``aux_loss``), added to the objective as this weight x its mean over
+    micro-batches, summed over MoE layers, and logged as ``moe/aux_loss``; 0 (default, as
+    transformers' fine-tuning without output_router_logits) turns it off."""
     recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recompute (passed to Megatron-Core's TransformerConfig)."""
     recompute_method: Literal["uniform", "block"] | None = None
     """How layers are grouped for full recompute."""
     recompute_num_layers: int | None = None
     """Layers per recompute group (full recompute)."""
-    attention_backend: Literal["auto", "sdpa", "local", "te"] = "auto"
+    attention_backend: Literal["auto", "sdpa", "local", "te", "flex"] = "auto"
     """Core attention: 'te' (Transformer Engine), 'sdpa' (torch scaled_dot_product_attention,
-    fused kernels, no TE needed), 'local' (Megatron's unfused reference); 'auto' is te when TE
-    is installed and CUDA present, else sdpa."""
+    fused kernels, no TE needed), 'flex' (SDPA, with prefix-shared rows through torch
+    FlexAttention block masks; CUDA), 'local' (Megatron's unfused reference); 'auto' is te when
+    TE is installed and CUDA present, else sdpa; with --prefix-sharing, flex on CUDA where it
+    works, else sdpa with the dense mask (the reason is logged)."""
     fused_loss_head: bool | None = None
     """Compute the output layer and the vocab-parallel log-probs together, chunk by chunk of
     tokens (recomputed in backward), never materialising the [tokens x vocab/TP] logits. Default
@@ -372,12 +410,13 @@ class TrainConfig:
     """Tokens per chunk of the fused loss head (peak extra memory ~ chunk x vocab/TP x 4 bytes)."""
     pack_pairs: bool | None = None
     """Pack several pairs per row up to --seq-length, first-fit-decreasing. Default (unset): on
-    with the sdpa and local attention backends, off with Transformer Engine (no packed mask path
-    yet); --no-pack-pairs turns it off."""
+    with every attention backend (sdpa/local: an explicit block mask; Transformer Engine: THD
+    sequences through PackedSeqParams); --no-pack-pairs turns it off."""
     prefix_sharing: bool | None = None
     """One row per pair: [prompt | chosen | rejected], rejected attends to the prompt, not to
-    chosen. Default (unset): on where --pack-pairs is (same backends); --no-prefix-sharing turns
-    it off."""
+    chosen. Default (unset): on with the sdpa and local backends, off with Transformer Engine
+    (its THD path is causal per sequence; pairs are packed without sharing there);
+    --no-prefix-sharing turns it off."""
     load: str | None = None
     """Checkpoint directory to start from (weights; optimizer and iteration if present)."""
     save: str | None = None
@@ -524,6 +563,48 @@ class RunConfig:
                 setattr(target, key, coerce(value, hint, f"{source}: {section}.{key}"))
         return cfg
 
+    def _validate_moe(self) -> None:
+        """Expert parallelism and the MoE fields (one-line errors naming the flag)."""
+        m, p, t = self.model, self.parallel, self.train
+        ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
+        for name, v in [
+            ("--expert-model-parallel-size", ep),
+            ("--expert-tensor-parallel-size", etp),
+        ]:
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if t.moe_aux_loss_coeff < 0:
+            raise ConfigError(f"--moe-aux-loss-coeff must be >= 0, got {t.moe_aux_loss_coeff}")
+        if m.num_experts is None:
+            if ep > 1 or (etp or 1) > 1:
+                raise ConfigError(
+                    "--expert-model-parallel-size / --expert-tensor-parallel-size need a "
+                    f"mixture-of-experts model; {m.model_type} has no experts"
+                )
+            return
+        if m.num_experts % ep:
+            raise ConfigError(
+                f"--expert-model-parallel-size {ep} must divide num_experts ({m.num_experts})"
+            )
+        if not 1 <= m.num_experts_per_tok <= m.num_experts:
+            raise ConfigError(
+                f"model.num_experts_per_tok {m.num_experts_per_tok} must be in "
+                f"[1, num_experts={m.num_experts}]"
+            )
+        etp = etp or p.tensor_model_parallel_size
+        if m.expert_ffn_size % etp:
+            raise ConfigError(
+                f"--expert-tensor-parallel-size {etp} must divide the expert MLP width "
+                f"({m.expert_ffn_size})"
+            )
+        if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+            # Megatron-Core's MoELayer refuses to train so (moe_layer.py, "performance may
+            # degrade"): each TP rank would route every token.
+            raise ConfigError(
+                "a mixture-of-experts model with --tensor-model-parallel-size > 1 needs "
+                "--sequence-parallel"
+            )
+
     def validate(self, world_size: int | None = None, training: bool = True) -> None:
         """Checks everything checkable before process groups exist; raises ConfigError.
 
@@ -586,13 +667,15 @@ class RunConfig:
                 )
         if p.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-        if (t.pack_pairs or t.prefix_sharing) and t.attention_backend == "te":
-            # Packed rows need an explicit block mask (megatron_simpo/data/packing.py). Only an
-            # explicit --pack-pairs / --prefix-sharing gets here: unset, they resolve to off
-            # with TE (megatron_simpo/defaults.py).
+        self._validate_moe()
+        if t.prefix_sharing and t.attention_backend == "te":
+            # Prefix-shared rows need a mask that is not causal per sequence, which TE's THD
+            # path cannot express (packed_seq.py). Only an explicit --prefix-sharing gets here:
+            # unset, it resolves to off with TE (megatron_simpo/defaults.py); --pack-pairs is
+            # fine (THD sequences).
             raise ConfigError(
-                "--pack-pairs / --prefix-sharing need --attention-backend sdpa or local "
-                "(or drop them: with TE they default to off)"
+                "--prefix-sharing needs --attention-backend sdpa or local (or drop it: with TE "
+                "it defaults to off and pairs are packed as THD sequences)"
             )
         if m.rope_scaling is not None:
             kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
@@ -662,6 +745,14 @@ class RunConfig:
                 raise ConfigError(
                     f"world size {world_size} is not divisible by TP x PP = {tp * pp}; "
                     "change --nproc-per-node/--nnodes or the parallel sizes"
+                )
+            ep = p.expert_model_parallel_size
+            etp = p.expert_tensor_parallel_size or tp
+            if self.model.num_experts is not None and world_size % (ep * etp * pp):
+                raise ConfigError(
+                    f"world size {world_size} is not divisible by EP x ETP x PP = "
+                    f"{ep * etp * pp}; change --expert-model-parallel-size or "
+                    "--expert-tensor-parallel-size"
                 )
             dp = world_size // (tp * pp)
             if training and t.global_batch_size % (t.micro_batch_size * dp):

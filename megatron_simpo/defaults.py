@@ -5,9 +5,13 @@
 reason each, from the attention backend, the model shape, the micro-batch size, the sequence
 length and the dtype; an explicit value (``--pack-pairs`` / ``--no-pack-pairs``, ...) always wins.
 
-* **Packing and prefix sharing** need an explicit block mask (``data/packing.py``), which the
-  ``sdpa`` and ``local`` backends take; with Transformer Engine (``--attention-backend te``, or
-  ``auto`` where TE and CUDA are present) they default to off: TE has no packed mask path yet.
+* **Packing** is on with every backend: ``sdpa`` and ``local`` take the explicit block mask
+  (``data/packing.py``); Transformer Engine (``--attention-backend te``, or ``auto`` where TE and
+  CUDA are present) takes the packed rows as THD sequences, ``PackedSeqParams`` with
+  ``cu_seqlens`` (``packed_seq.py``), so its fused attention runs on them.
+* **Prefix sharing** is on with ``sdpa`` and ``local``, off with TE: its rejected branch attends
+  to the prompt but not to the chosen branch before it, which no causal THD span expresses;
+  under TE pairs are then packed without sharing (each sequence its own span).
 * **The fused loss head** is on where its modelled peak memory is below the unfused head's
   (:func:`unfused_head_bytes` vs :func:`fused_head_bytes`, per micro-batch of ``T`` tokens on one
   TP rank holding ``v = padded vocab / TP`` output rows of width ``h``; ``B`` bytes per element of
@@ -45,8 +49,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from megatron_simpo.config import RunConfig
 
-#: Why packing / prefix sharing are off by default with Transformer Engine.
-TE_REASON = "TE backend has no packed mask path yet"
+#: Why prefix sharing is off by default with Transformer Engine.
+TE_REASON = (
+    "TE's THD path is causal per sequence, the prefix-sharing mask is not; pairs are packed "
+    "without sharing instead"
+)
 
 
 def resolve_packing(
@@ -62,9 +69,14 @@ def resolve_packing(
     if requested is not None:
         return requested, f"{flag if requested else '--no-' + flag[2:]} given"
     resolved = ("te" if te_available else "sdpa") if backend == "auto" else backend
-    if resolved == "te":
-        return False, f"default off: {TE_REASON} (--attention-backend {backend})"
-    return True, f"default on: --attention-backend {backend} ({resolved}) takes the packing mask"
+    if resolved != "te":
+        why = f"--attention-backend {backend} ({resolved}) takes the packing mask"
+        return True, f"default on: {why}"
+    if flag == "--pack-pairs":
+        return True, (
+            f"default on: --attention-backend {backend} (te) takes packed pairs as THD sequences"
+        )
+    return False, f"default off: {TE_REASON} (--attention-backend {backend})"
 
 
 def head_tokens(micro_batch_size: int, seq_length: int) -> int:

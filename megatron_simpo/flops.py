@@ -13,6 +13,11 @@ For one sequence of ``s`` tokens, with hidden size ``h``, ``L`` layers, ``a`` qu
                                + L * 2 * (2 * s^2/2 * a*d)  (scores Q K^T and context A V)
     training                 3 * F                          (forward + backward = 2x forward)
 
+For a mixture of experts (``megatron_simpo/shapes.py``), ``P`` counts what one token goes
+through: the router ``h*E``, ``k`` of the ``E`` routed experts ``k*3*h*f_e`` and the shared expert
+if any; MFU is then the active-parameter MFU, as Megatron-LM counts MoE models (the routed-away
+experts do no work for that token). Routing, permutation and all-to-all are not matmuls.
+
 The attention terms count **half** the ``s x s`` square: a causal model's useful work (a query
 attends to itself and the keys before it), the way Megatron-LM counts causal self-attention in
 its MFU (``num_floating_point_operations``: the core-attention term at ``seq_length / 2``) and
@@ -39,10 +44,13 @@ masked entries included.
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-import torch
+from typing import TYPE_CHECKING
 
 from megatron_simpo.config import ModelConfig
+from megatron_simpo.shapes import moe_dims
+
+if TYPE_CHECKING:  # torch only where a device is asked about: the planner imports this module
+    import torch
 
 #: Dense (no sparsity) peak TFLOP/s per accelerator, matched against
 #: ``torch.cuda.get_device_name()`` in order (first match wins). fp32 means plain fp32 matmuls
@@ -55,17 +63,33 @@ PEAK_TFLOPS: list[tuple[tuple[str, ...], dict[str, float]]] = [
     (("A100", "A800"), {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
 ]
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
 
 
 def matmul_params(model: ModelConfig) -> int:
-    """Parameters that take part in matrix multiplications (biases and norms excluded):
-    every layer's attention and MLP projections plus the output layer (``hidden x padded
-    vocab``, counted once even when tied to the input embedding, whose lookup costs no FLOPs)."""
+    """Parameters that take part in one token's matrix multiplications (biases and norms
+    excluded): every layer's attention and MLP projections plus the output layer (``hidden x
+    padded vocab``, counted once even when tied to the input embedding, whose lookup costs no
+    FLOPs). For a mixture of experts, the *active* ones: the router ``h x E``, the ``k`` routed
+    experts a token goes through and the shared expert (+ its gate), so the MFU built on it
+    is the active-parameter MFU (Megatron-LM's MoE accounting)."""
     h, d = model.hidden_size, model.head_size
     a, g = model.num_attention_heads, model.kv_heads
-    per_layer = h * a * d + 2 * h * g * d + a * d * h + 3 * h * model.intermediate_size
+    per_layer = h * a * d + 2 * h * g * d + a * d * h
+    moe = moe_dims(model)
+    if moe is None:
+        per_layer += 3 * h * model.intermediate_size
+    else:
+        per_layer += h * moe.num_experts + moe.top_k * 3 * h * moe.expert_ffn
+        per_layer += 3 * h * moe.shared_ffn + (h if moe.shared_gate else 0)
     return model.num_hidden_layers * per_layer + h * model.padded_vocab_size()
+
+
+def router_flops_per_token(model: ModelConfig) -> int:
+    """Forward FLOPs of the routers for one token (``2 h E`` per layer; 0 for a dense model):
+    part of :func:`matmul_params`' count, reported on its own by the planner."""
+    moe = moe_dims(model)
+    return 0 if moe is None else model.num_hidden_layers * 2 * model.hidden_size * moe.num_experts
 
 
 def forward_flops(model: ModelConfig, seq_len: int, causal: bool = True) -> int:
@@ -135,7 +159,7 @@ def pairs_training_flops(
 
 def peak_tflops_for(device_name: str, dtype: torch.dtype) -> float | None:
     """Dense peak TFLOP/s of the named accelerator in ``dtype`` (None if not in the table)."""
-    key = _DTYPE_NAMES.get(dtype)
+    key = _DTYPE_NAMES.get(str(dtype))
     name = device_name.upper()
     for patterns, peaks in PEAK_TFLOPS:
         if any(p in name for p in patterns):
@@ -146,6 +170,8 @@ def peak_tflops_for(device_name: str, dtype: torch.dtype) -> float | None:
 def detect_peak_tflops(dtype: torch.dtype) -> float | None:
     """Peak TFLOP/s of this process's CUDA device in ``dtype`` (A100, H100, H200 families);
     None on CPU or on a device not in :data:`PEAK_TFLOPS` (then set ``--peak-tflops``)."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     return peak_tflops_for(torch.cuda.get_device_name(), dtype)

@@ -25,10 +25,13 @@ gradient), ``update_ok`` (1, or 0 for a skipped update), ``memory/peak_gib`` (wo
 allocated CUDA memory on GPU, peak RSS on CPU), ``model_flops`` (of the iteration, what is
 computed, see ``flops.py``), ``tflops_per_gpu`` and ``mfu`` (when the peak is known:
 ``--peak-tflops`` or a detected A100/H100/H200), ``loss_scale`` (fp16: the dynamic loss
-scale of the next iteration). With a held-out set, every ``--eval-interval``: the same
-objective metrics with an ``eval/`` prefix and ``eval/num_pairs``; every ``--gen-interval``: the
-generation probe's ``gen/`` metrics (texts go to TensorBoard text ``gen/texts``). Drift alarms
-go to the log and to TensorBoard text ``alarms``; the config is TensorBoard text ``config``.
+scale of the next iteration), ``moe/aux_loss`` (mixture of experts with --moe-aux-loss-coeff > 0:
+the router load-balancing loss summed over MoE layers, mean over micro-batches; the objective's
+gradient includes coeff x it, ``loss`` does not). With a held-out set, every
+``--eval-interval``: the same objective metrics with an ``eval/`` prefix and ``eval/num_pairs``;
+every ``--gen-interval``: the generation probe's ``gen/`` metrics (texts go to TensorBoard text
+``gen/texts``). Drift alarms go to the log and to TensorBoard text ``alarms``; the config is
+TensorBoard text ``config``.
 """
 
 from __future__ import annotations

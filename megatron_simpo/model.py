@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -39,9 +40,11 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from megatron_simpo import parallel
+from megatron_simpo import moe, parallel
 from megatron_simpo.attention import SDPAttention, resolve_attention_backend
 from megatron_simpo.config import RunConfig
+from megatron_simpo.errors import ConfigError
+from megatron_simpo.flex_attention import FlexAttention, flex_unavailable_reason
 from megatron_simpo.fused_logprobs import HiddenStatesGPTModel
 
 # Megatron-Core's RotaryEmbedding applies Llama-3 scaling with these fixed constants; other values
@@ -126,6 +129,9 @@ class Kernels:
     compiler: bool
     """triton, for ``torch.compile`` (Megatron's ``jit_fuser``) of the bias-SwiGLU and
     bias-dropout-add kernels on the GPU."""
+    te_rope_thd: bool = False
+    """Transformer Engine's fused RoPE over THD packed sequences
+    (``fused_apply_rotary_pos_emb_thd``), which ``apply_rope_fusion`` calls with packed rows."""
 
 
 def available_kernels() -> Kernels:
@@ -134,13 +140,12 @@ def available_kernels() -> Kernels:
         return Kernels(
             cuda=False, fused_softmax=False, wgrad_accumulation=False, te_rope=False, compiler=False
         )
-    te_rope = False
+    te_rope = te_rope_thd = False
     if have_transformer_engine():
-        try:
-            from megatron.core.extensions.transformer_engine import fused_apply_rotary_pos_emb
-        except ImportError:
-            fused_apply_rotary_pos_emb = None
-        te_rope = fused_apply_rotary_pos_emb is not None
+        from megatron.core.extensions import transformer_engine as mte
+
+        te_rope = getattr(mte, "fused_apply_rotary_pos_emb", None) is not None
+        te_rope_thd = getattr(mte, "fused_apply_rotary_pos_emb_thd", None) is not None
     softmax = ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda")
     return Kernels(
         cuda=True,
@@ -148,10 +153,11 @@ def available_kernels() -> Kernels:
         wgrad_accumulation=_importable("fused_weight_gradient_mlp_cuda"),
         te_rope=te_rope,
         compiler=_importable("triton"),
+        te_rope_thd=te_rope_thd,
     )
 
 
-def fusion_flags(kernels: Kernels, *, explicit_mask: bool) -> dict[str, bool]:
+def fusion_flags(kernels: Kernels, *, explicit_mask: bool, thd: bool = False) -> dict[str, bool]:
     """Megatron-Core's fusion flags, each on only where its kernel is usable.
 
     All are off on the CPU: the kernels are CUDA-only, and ``torch.compile`` of the jit-fused
@@ -162,12 +168,15 @@ def fusion_flags(kernels: Kernels, *, explicit_mask: bool) -> dict[str, bool]:
         explicit_mask: rows carry an explicit attention mask (``--pack-pairs`` /
             ``--prefix-sharing``): the fused causal softmax would ignore it, and the fused RoPE
             does not take per-sequence positions.
+        thd: packed rows as THD sequences (Transformer Engine, :mod:`megatron_simpo.packed_seq`):
+            RoPE is applied per ``cu_seqlens`` span, fused only with TE's THD kernel.
     """
     cuda = kernels.cuda
+    rope = kernels.te_rope_thd if thd else kernels.te_rope
     return {
         "masked_softmax_fusion": cuda and kernels.fused_softmax and not explicit_mask,
         "gradient_accumulation_fusion": cuda and kernels.wgrad_accumulation,
-        "apply_rope_fusion": cuda and kernels.te_rope and not explicit_mask,
+        "apply_rope_fusion": cuda and rope and not explicit_mask,
         "bias_activation_fusion": cuda and kernels.compiler,
         "bias_dropout_fusion": cuda and kernels.compiler,
         # Read only by apex's FusedLayerNorm (LayerNorm); these models use RMSNorm.
@@ -189,7 +198,9 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
     dtype = model_dtype(cfg)
     cuda = torch.cuda.is_available()
     variable = parallel.variable_seq_lengths(cfg)
-    fusions = fusion_flags(available_kernels(), explicit_mask=t.pack_pairs or t.prefix_sharing)
+    packed = bool(t.pack_pairs or t.prefix_sharing)
+    thd = packed and run_attention_backend(cfg) == "te"
+    fusions = fusion_flags(available_kernels(), explicit_mask=packed and not thd, thd=thd)
     return TransformerConfig(
         num_layers=m.num_hidden_layers,
         hidden_size=m.hidden_size,
@@ -226,7 +237,10 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         variable_seq_lengths=variable,
         # Inert without experts, but Megatron-Core refuses variable_seq_lengths next to its
         # default MoE dispatcher ("allgather") even in a dense model.
-        **({"moe_token_dispatcher_type": "alltoall"} if variable else {}),
+        **{
+            **({"moe_token_dispatcher_type": "alltoall"} if variable else {}),
+            **moe.transformer_fields(cfg, grouped_gemm=use_grouped_gemm(cfg)),
+        },
         use_cpu_initialization=not cuda,
         recompute_granularity=t.recompute_granularity,
         recompute_method=t.recompute_method,
@@ -234,28 +248,50 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
     )
 
 
-def _layer_spec(backend: str, qk_layernorm: bool = False) -> tuple[ModuleSpec, type | None]:
+def use_grouped_gemm(cfg: RunConfig) -> bool:
+    """MoE experts as Transformer Engine's grouped GEMM: where TE and CUDA are present (the
+    local spec's ``SequentialMLP`` otherwise, e.g. on the CPU)."""
+    return (
+        cfg.model.num_experts is not None
+        and torch.cuda.is_available()
+        and have_transformer_engine()
+        and cfg.train.attention_backend in ("auto", "te")
+    )
+
+
+def _layer_spec(
+    backend: str,
+    qk_layernorm: bool = False,
+    num_experts: int | None = None,
+    grouped_gemm: bool = False,
+) -> tuple[ModuleSpec, type | None]:
     """The per-layer spec and the final-norm module (None: let Megatron pick).
 
-    ``backend`` is a resolved ``--attention-backend``: ``te``, ``sdpa`` or ``local``;
-    ``qk_layernorm``: an RMSNorm over each query and key head (the family's layer option).
+    ``backend`` is a resolved ``--attention-backend``: ``te``, ``sdpa``, ``flex`` or ``local``;
+    ``qk_layernorm``: an RMSNorm over each query and key head (the family's layer option);
+    ``num_experts``: Megatron-Core's MoE layer instead of the dense MLP, its experts TE's
+    grouped GEMM with ``grouped_gemm`` (TE spec only), a ``SequentialMLP`` otherwise.
     """
+    moe_args = {"num_experts": num_experts, "moe_grouped_gemm": grouped_gemm}
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm), None
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm, **moe_args)
+        return spec, None
+    moe_args["moe_grouped_gemm"] = False  # the local spec's grouped MLP needs TE or a GPU
     spec = copy.deepcopy(
-        get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+        get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm, **moe_args)
     )
     spec.submodules.input_layernorm = SequenceParallelRMSNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
     if qk_layernorm:
         attention = spec.submodules.self_attention.submodules
         attention.q_layernorm = attention.k_layernorm = HeadRMSNorm
-    if backend == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if backend in ("sdpa", "flex"):
+        core = FlexAttention if backend == "flex" else SDPAttention
+        spec.submodules.self_attention.submodules.core_attention = core
     return spec, SequenceParallelRMSNorm
 
 
@@ -288,22 +324,60 @@ def rope_inv_freq(cfg: RunConfig) -> torch.Tensor:
     return torch.where(mid, smoothed, out).float()
 
 
+def run_attention_backend(cfg: RunConfig) -> str:
+    """The resolved ``--attention-backend`` of this process (``te``, ``sdpa`` or ``local``).
+
+    ``auto`` is TE where it and CUDA are present, except with ``--prefix-sharing``: its mask is
+    not causal per sequence, which TE's THD path cannot express, so FlexAttention's block mask
+    takes it where that works (``flex_attention.py``), else SDPA's dense mask
+    (:func:`prefix_sharing_attention` says why). Plain packing (``--pack-pairs``) stays on TE, as
+    THD sequences (``packed_seq.py``).
+    """
+    return prefix_sharing_attention(cfg)[0]
+
+
+def prefix_sharing_attention(cfg: RunConfig) -> tuple[str, str | None]:
+    """:func:`run_attention_backend` and, where ``auto`` with ``--prefix-sharing`` could not take
+    FlexAttention, why (None otherwise)."""
+    t = cfg.train
+    te = have_transformer_engine() and torch.cuda.is_available()
+    if t.attention_backend == "flex" or (t.attention_backend == "auto" and t.prefix_sharing):
+        why = flex_unavailable_reason(
+            cuda=torch.cuda.is_available(), recompute=t.recompute_granularity is not None
+        )
+        if why is None:
+            return "flex", None
+        if t.attention_backend == "flex":
+            raise ConfigError(f"--attention-backend flex: {why}; use --attention-backend sdpa")
+        return "sdpa", why
+    return resolve_attention_backend(t.attention_backend, te and not t.prefix_sharing), None
+
+
+def attention_label(cfg: RunConfig) -> str:
+    """The attention backend of a run and, with packed rows, how they reach it (for reports):
+    ``te``, ``te/thd``, ``sdpa``, ``sdpa/mask``, ``flex/block``, ``local/mask``."""
+    backend = run_attention_backend(cfg)
+    if not (cfg.train.pack_pairs or cfg.train.prefix_sharing):
+        return backend
+    return f"{backend}/{ {'te': 'thd', 'flex': 'block'}.get(backend, 'mask') }"
+
+
 def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
     """Builds this rank's model chunks (one per virtual pipeline stage) on :func:`model_device`.
 
     Must run after :func:`megatron_simpo.parallel.initialize`.
     """
-    # Packed / prefix-shared rows need an explicit attention mask, which the SDPA spec takes:
-    # 'auto' then means sdpa even where Transformer Engine is installed.
-    masked = cfg.train.pack_pairs or cfg.train.prefix_sharing
-    backend = resolve_attention_backend(
-        cfg.train.attention_backend,
-        have_transformer_engine() and torch.cuda.is_available() and not masked,
-    )
+    backend, fallback = prefix_sharing_attention(cfg)
+    if fallback and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"attention: sdpa with the dense prefix-sharing mask (FlexAttention: {fallback})")
     if use_te is not None:  # callers that only need the weights (export) may force a spec
         backend = "te" if use_te else ("local" if backend == "te" else backend)
     tconf = transformer_config(cfg)
-    layer_spec, final_norm = _layer_spec(backend, cfg.model.qk_layernorm)
+    # TE's grouped GEMM only with the TE spec (e.g. packed rows choose sdpa even with TE).
+    tconf.moe_grouped_gemm = backend == "te" and tconf.moe_grouped_gemm
+    layer_spec, final_norm = _layer_spec(
+        backend, cfg.model.qk_layernorm, cfg.model.num_experts, tconf.moe_grouped_gemm
+    )
     # With the fused loss head the last stage returns final hidden states; the loss function
     # applies the output layer's weight chunk by chunk (megatron_simpo/fused_logprobs.py).
     model_cls = HiddenStatesGPTModel if cfg.train.fused_loss_head else GPTModel
@@ -343,7 +417,11 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
         model.rotary_pos_emb.inv_freq = inv_freq
         if cfg.train.fused_loss_head:
             model.loss_chunk_size = cfg.train.loss_chunk_size
+        # How packed rows reach the attention (megatron_simpo/step.py): TE takes THD sequences
+        # (PackedSeqParams), FlexAttention a block mask, the other local specs a dense mask.
+        model.packed_seq_format = {"te": "thd", "flex": "block"}.get(backend, "mask")
         chunks.append(model)
+    moe.prepare_routers(chunks)
     return chunks
 
 

@@ -34,9 +34,16 @@ def init_distributed(timeout_minutes: int = 10) -> None:
 
 
 def init_model_parallel(
-    tp: int, pp: int, vpp: int | None, seed: int, timeout_minutes: int = 10
+    tp: int,
+    pp: int,
+    vpp: int | None,
+    seed: int,
+    timeout_minutes: int = 10,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> None:
-    """Creates Megatron-Core's TP/PP/DP groups and seeds the model-parallel RNG tracker."""
+    """Creates Megatron-Core's TP/PP/DP groups (and its expert groups: EP, expert TP, expert DP)
+    and seeds the model-parallel RNG tracker."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -48,6 +55,8 @@ def init_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         distributed_timeout_minutes=timeout_minutes,
     )
     torch.manual_seed(seed)
@@ -71,6 +80,8 @@ def init_model_parallel_for(cfg) -> None:
         cfg.virtual_pipeline_size,
         seed=cfg.train.seed,
         timeout_minutes=p.distributed_timeout_minutes,
+        ep=p.expert_model_parallel_size,
+        etp=p.expert_tensor_parallel_size,
     )
 
 

@@ -1,12 +1,16 @@
 """Memory planner: ``megatron-simpo plan`` — will a SimPO run fit, and with which layout?
 
 Per-GPU memory of one training step, for SimPO and for DPO with a frozen reference model, over the
-layouts a cluster allows (TP x PP x DP, distributed optimizer, activation recompute), ranked by a
-simple expected-throughput model::
+layouts a cluster allows (TP x PP x DP x EP, distributed optimizer, activation recompute), for
+full-parameter or LoRA training, dense or mixture-of-experts models, ranked by a simple
+expected-throughput model::
 
     megatron-simpo plan --model llama3-70b --nodes 2 --gpus-per-node 8 --gpu-memory-gb 80 \\
         --seq-length 4096 --global-batch-size 128
     megatron-simpo plan --model path/to/config.json ... --tp 8 --pp 2 --json
+    megatron-simpo plan --model llama3-70b --nodes 1 ... --lora-rank 16   # + full vs offload
+    megatron-simpo plan --model qwen3-30b-a3b --nodes 1 ... --expert-model-parallel-size 8
+    megatron-simpo plan --model llama3-8b ... --loss dpo --num-pairs 60000
 
 What is counted, per GPU (the worst pipeline stage; bytes per element ``B`` = 2 in bf16, 4 in fp32):
 
@@ -47,114 +51,76 @@ What is counted, per GPU (the worst pipeline stage; bytes per element ``B`` = 2 
 * **margin** ``--fragmentation`` x the sum above (allocator fragmentation) + ``--overhead-gb``
   (CUDA context, NCCL communicators, library workspaces).
 
-Throughput model (relative, 1.0 = ideal): TP communication ``1 / (1 + 0.1 log2 TP)``, pipeline
-bubble ``1 - (p-1)/(m+p-1)``, full recompute ``1/1.33`` (one extra forward), selective recompute
-``1/1.05`` with unfused attention (nothing to recompute with flash attention). Data-parallel
-gradient communication is assumed overlapped. It ranks layouts; it does not predict seconds.
+* **mixture of experts** (``megatron_simpo/shapes.py``): the routed experts of a stage's layers
+  split over EP x ETP (``E/EP`` experts per rank, each split over ETP), the attention, router
+  and shared expert like a dense layer over TP; the experts' Adam state shards over the expert
+  data-parallel group ``TP x DP / (EP x ETP)`` with the distributed optimizer. Activations: per
+  token the ``k`` expert copies (permuted input, output, SwiGLU tensors of width ``f_e``), the
+  shared expert and the router probabilities, over TP (Megatron requires SP with MoE and TP),
+  for balanced routing (imbalance raises the peak).
+* **LoRA** (``--lora-rank``): the base frozen, its weights in the model dtype (2 bytes/param,
+  no gradients, no optimizer state); the adapters (per projection: q, k, v of the fused QKV,
+  o, gate and up of the fused fc1, down) in the model dtype with fp32 gradients, master weights
+  and Adam (18 bytes/param). Activations as full training plus each adapter's ``x A^T``
+  (``r`` per token, whole on every TP rank) and, with ``--lora-dropout``, its dropped-out input.
+* **optimizer CPU offload** (``--optimizer-cpu-offload``, Megatron-Core's
+  ``optimizer_cpu_offload``): the fp32 master weights and Adam state of each rank's shard on
+  the host (the ``host`` column, per node; ``--host-memory-gb`` checks it), weights and fp32
+  gradients stay on the GPU.
+* **objectives** (``--loss``): for a reference objective (DPO family) the report compares DPO
+  with a resident reference (a second copy of the weights in the model dtype, no gradients or
+  optimizer state, plus its transient forward: one layer of one micro-batch), DPO from
+  precomputed log-probs (SimPO plus two fp32 scalars per pair) and SimPO, and prints the one-off
+  cost of ``score-reference`` (``--num-pairs``: one forward of each pair).
+
+Throughput model. ``speed`` (relative, 1.0 = ideal) multiplies: TP communication
+``1 / (1 + 0.1 log2 TP)`` and MoE all-to-all ``1 / (1 + 0.05 log2 EP)`` (assumed costs, not
+measured: they only order layouts), the pipeline bubble ``1 - (p-1)/(m+p-1)`` (1F1B, exact),
+full recompute ``1/1.33`` (one extra forward of three), selective recompute ``1/1.05`` with
+unfused attention (nothing to recompute with flash attention). Data-parallel gradient
+communication is assumed overlapped (``overlap_grad_reduce``, the distributed optimizer's
+default here). ``s/step`` turns it into seconds: the step's model FLOPs (``flops.py``:
+Megatron-LM's accounting, causal attention as half the square, every pair at ``--seq-length``,
+a ``--prompt-length`` prompt counted once as prefix sharing computes it, active parameters for
+MoE) over ``GPUs x --peak-tflops x --mfu x speed``; DPO with a resident reference does 4/3 the
+work, LoRA ~2/3 of it (no weight gradients for the frozen base); optimizer offload adds each
+rank's gradient and weight transfer over PCIe (25 GB/s assumed; the host Adam step is not
+modelled). ``--mfu`` (default 40%) is an assumption, not a
+prediction: the seconds are as good as it is. Layouts are ranked by ``s/step``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from megatron_simpo import defaults
-from megatron_simpo.config import ModelConfig, RunConfig
+from megatron_simpo import defaults, flops
+from megatron_simpo.config import OBJECTIVE_NAMES, LossConfig, ModelConfig
 from megatron_simpo.errors import ConfigError
+from megatron_simpo.plan_report import format_plan
+from megatron_simpo.shapes import (
+    LORA_PROJECTIONS,
+    PRESETS,
+    ParamCount,
+    count_params,
+    load_model,
+    lora_params,
+    lora_projections,
+    moe_dims,
+    projection_dims,
+)
+
+__all__ = ["PRESETS", "ParamCount", "count_params", "load_model", "plan", "breakdown"]
 
 GB = 1e9
-
-#: Model presets (Hugging Face ``config.json`` values of Meta's Llama 3 / 3.1 models).
-PRESETS: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=14336,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
-    "llama3-70b": dict(
-        hidden_size=8192,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        intermediate_size=28672,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
-}
 
 Recompute = Literal["none", "selective", "full"]
 Attention = Literal["flash", "unfused"]
 Kernels = Literal["fused", "torch"]
-
-
-def load_model(spec: str) -> ModelConfig:
-    """A preset name, a Hugging Face ``config.json`` (or its directory) or our YAML config."""
-    if spec in PRESETS:
-        return ModelConfig(**PRESETS[spec])
-    path = Path(spec)
-    if not path.exists():
-        raise ConfigError(
-            f"--model {spec}: not a preset ({', '.join(PRESETS)}) and no such file; give a "
-            "preset, a Hugging Face config.json or a megatron-simpo YAML config"
-        )
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--model {spec}: cannot read it: {e}") from None
-        if not isinstance(raw, dict) or not raw.get("model"):
-            raise ConfigError(f"--model {spec}: the YAML file has no 'model' section")
-        return RunConfig.from_dict({"model": raw["model"]}, source=spec).model
-    return ModelConfig.from_hf_config(path)
-
-
-@dataclass(frozen=True)
-class ParamCount:
-    """Parameter counts of a Llama-architecture model (padded vocabulary)."""
-
-    embedding: int
-    """Input embedding ``V_pad x h``."""
-    layer_sharded: int
-    """Per layer, the weights split over TP (QKV, attention output, MLP; QKV bias)."""
-    layer_replicated: int
-    """Per layer, the weights every TP rank holds (the two RMSNorm weights)."""
-    final_norm: int
-    output: int
-    """Output layer ``V_pad x h`` (0 when tied to the embedding)."""
-    num_layers: int
-
-    @property
-    def total(self) -> int:
-        per_layer = self.layer_sharded + self.layer_replicated
-        return self.embedding + self.num_layers * per_layer + self.final_norm + self.output
-
-
-def count_params(m: ModelConfig) -> ParamCount:
-    h, d = m.hidden_size, m.head_size
-    q, kv = m.num_attention_heads * d, m.kv_heads * d
-    qkv = h * (q + 2 * kv) + ((q + 2 * kv) if m.qkv_bias else 0)
-    sharded = qkv + q * h + 3 * h * m.intermediate_size  # QKV, proj, gate+up (2hf), down (fh)
-    v = m.padded_vocab_size()
-    return ParamCount(
-        embedding=v * h,
-        layer_sharded=sharded,
-        layer_replicated=2 * h + (2 * d if m.qk_layernorm else 0),  # norms (+ QK norms)
-        final_norm=h,
-        output=0 if m.tie_word_embeddings else v * h,
-        num_layers=m.num_hidden_layers,
-    )
 
 
 @dataclass(frozen=True)
@@ -170,9 +136,21 @@ class Layout:
     distributed_optimizer: bool
     recompute: Recompute
     sequence_parallel: bool
+    ep: int = 1
+    """Expert-parallel size (MoE: the routed experts are split over EP ranks)."""
+    etp: int = 1
+    """Expert-tensor-parallel size (MoE: each expert split over ETP ranks)."""
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel size of the experts: ``TP x DP / (EP x ETP)`` (Megatron's expert
+        data-parallel group, over which the distributed optimizer shards expert state)."""
+        return self.tp * self.dp // (self.ep * self.etp)
 
     def name(self) -> str:
         parts = [f"TP{self.tp}", f"PP{self.pp}", f"DP{self.dp}"]
+        if self.ep > 1 or self.etp > 1:
+            parts += [f"EP{self.ep}", f"ETP{self.etp}"]
         if self.sequence_parallel:
             parts.append("SP")
         if self.distributed_optimizer:
@@ -199,6 +177,22 @@ class Job:
     fused_loss_head: bool | None = None
     """The fused chunked loss head; None: where it saves memory (training's default)."""
     loss_chunk_size: int = 1024
+    lora_rank: int = 0
+    """LoRA rank; 0: full-parameter training."""
+    lora_target: str = "all"
+    """``--lora-target``: ``qkv,proj,fc1,fc2``, ``all`` or HF projection names."""
+    lora_dropout: float = 0.0
+    """With dropout each adapter keeps its dropped-out input for backward."""
+    optimizer_cpu_offload: bool = False
+    """Megatron-Core's ``optimizer_cpu_offload``: fp32 master weights and Adam state on the host."""
+    host_memory_gb: float | None = None
+    """Host memory per node (for the offloaded state); None: not checked."""
+    prompt_length: int = 0
+    """Prompt tokens of a pair shared by its two sequences (prefix sharing) in the FLOP count."""
+    mfu: float = 0.40
+    """Assumed MFU of a layout without pipeline bubble or recompute, for the time estimates."""
+    peak_tflops: float = 989.0
+    """Dense bf16 peak per GPU (H100/H200 SXM) for the time estimates."""
 
     @property
     def world(self) -> int:
@@ -210,9 +204,28 @@ class Job:
 
 
 def bytes_per_param(job: Job) -> dict[str, int]:
-    """Weights, gradients and optimizer state (unsharded) per parameter."""
+    """Weights, gradients and optimizer state (unsharded) per trained parameter."""
     w = job.dtype_bytes
     return {"weights": w, "gradients": 4, "optimizer": 12 if w == 2 else 8, "reference": w}
+
+
+def lora_targets(job: Job) -> tuple[str, ...]:
+    return lora_projections(job.lora_target) if job.lora_rank else ()
+
+
+def rank_params(m: ModelConfig, layout: Layout, job: Job, stage: int) -> dict[str, float]:
+    """Parameters one rank of ``stage`` holds: ``frozen`` (LoRA's base), ``dense`` and
+    ``experts`` (trained; the experts' optimizer state shards over the expert DP group) and
+    ``adapters`` (LoRA)."""
+    c = count_params(m)
+    layers = c.num_layers // layout.pp
+    dense = stage_params(m, layout.tp, layout.pp, stage)
+    experts = layers * c.layer_experts / (layout.ep * layout.etp)
+    if not job.lora_rank:
+        return {"frozen": 0.0, "dense": dense, "experts": experts, "adapters": 0.0}
+    ad = lora_params(m, job.lora_rank, lora_targets(job))
+    adapters = layers * (ad.sharded / layout.tp + ad.replicated)
+    return {"frozen": dense + experts, "dense": 0.0, "experts": 0.0, "adapters": adapters}
 
 
 def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> float:
@@ -245,10 +258,31 @@ def layer_activation_elements(m: ModelConfig, layout: Layout, job: Job) -> dict[
     # fused: each norm keeps its input and output; torch's RMSNorm also the normalised input.
     norms = (6 if torch_ops else 4) * h / (t if layout.sequence_parallel else 1)
     # SwiGLU: fused keeps fc1's output and fc2's input; torch ops also silu(x) and one more.
-    mlp = (5 if torch_ops else 3) * f
+    per_ffn = 5 if torch_ops else 3
+    moe = moe_dims(m)
+    if moe is None:
+        mlp = per_ffn * f
+    else:
+        # Each token's k expert copies: the permuted input and the expert output (h each) and
+        # the SwiGLU tensors of width f_e, plus the shared expert and the router's probabilities
+        # (E, fp32 = 2 bf16 elements). Balanced routing; Megatron needs SP with TP and MoE,
+        # so everything is split over TP. Imbalance (no token drop) raises the peak.
+        mlp = moe.top_k * (2 * h + per_ffn * moe.expert_ffn)
+        mlp += per_ffn * moe.shared_ffn + 2 * moe.num_experts
     sharded = (attn + mlp) / t
     softmax = a * job.seq_length / t if job.attention == "unfused" else 0.0
-    return {"norms": norms, "sharded": sharded, "softmax": softmax}
+    out = {"norms": norms, "sharded": sharded, "softmax": softmax, "lora": 0.0}
+    if job.lora_rank:
+        # Each adapter keeps x A^T ([tokens, r], whole on every TP rank) and, with dropout, its
+        # dropped-out input (gathered for column-parallel bases, split for row-parallel ones).
+        targets = lora_targets(job)
+        out["lora"] = lora_params(m, job.lora_rank, targets).rank_per_token
+        if job.lora_dropout > 0:
+            dims = projection_dims(m)
+            for p in targets:
+                column = LORA_PROJECTIONS[p][1] == "column"
+                out["lora"] += dims[p][0] / (1 if column else t)
+    return out
 
 
 def activation_bytes(m: ModelConfig, layout: Layout, job: Job, stage: int) -> float:
@@ -300,31 +334,70 @@ def loss_head_bytes(m: ModelConfig, layout: Layout, job: Job) -> float:
     """Peak of the loss head of one micro-batch: unfused, the logits in the model dtype plus two
     fp32 working copies; fused, one chunk of them and the weight-gradient accumulator."""
     tokens = defaults.head_tokens(layout.micro_batch_size, job.seq_length)
-    args = (tokens, m.padded_vocab_size() // layout.tp, m.hidden_size, job.dtype_bytes)
+    # LoRA freezes the output layer: no weight gradient (its [v, h] terms vanish with h = 0).
+    hidden = 0 if job.lora_rank else m.hidden_size
+    args = (tokens, m.padded_vocab_size() // layout.tp, hidden, job.dtype_bytes)
     if fused_loss_head(m, layout, job)[0]:
         return defaults.fused_head_bytes(*args, job.loss_chunk_size)
     return defaults.unfused_head_bytes(*args)
 
 
+#: ``breakdown`` objectives: SimPO, DPO with a resident reference model, DPO from precomputed
+#: reference log-probs (``score-reference``).
+ALGOS = ("simpo", "dpo", "dpo-precomputed")
+
+
+def layer_bytes(m: ModelConfig, layout: Layout, job: Job) -> float:
+    """Activations of one layer for one micro-batch (no recompute): a bound on what a no-grad
+    forward of that layer holds at once."""
+    tokens = 2 * layout.micro_batch_size * job.seq_length
+    return tokens * sum(layer_activation_elements(m, layout, job).values()) * job.dtype_bytes
+
+
 def breakdown(m: ModelConfig, layout: Layout, job: Job, algo: str = "simpo") -> dict[str, Any]:
-    """Per-GPU bytes of the worst pipeline stage, by component (``algo``: simpo | dpo)."""
+    """Per-GPU bytes of the worst pipeline stage, by component (``algo``: one of :data:`ALGOS`).
+
+    ``reference``: DPO's resident reference (a second copy of the weights in the model dtype,
+    no gradients or optimizer state), or precomputed, two fp32 log-probs per pair of the
+    micro-batches in flight. ``reference_acts``: the reference's forward activations, transient
+    (one layer of one micro-batch at a time). ``host``: bytes on the host per GPU (optimizer CPU
+    offload), not part of ``total``."""
+    if algo not in ALGOS:
+        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
     bpp = bytes_per_param(job)
     worst: dict[str, Any] | None = None
     stages = sorted({0, layout.pp - 1})
+    shard = layout.distributed_optimizer or job.optimizer_cpu_offload
     for stage in stages:
-        n = stage_params(m, layout.tp, layout.pp, stage)
-        opt = n * bpp["optimizer"] / (layout.dp if layout.distributed_optimizer else 1)
+        n = rank_params(m, layout, job, stage)
+        trained = n["dense"] + n["experts"] + n["adapters"]
+        opt = bpp["optimizer"] * (
+            n["dense"] / (layout.dp if shard else 1)
+            + n["experts"] / (layout.expert_dp if shard else 1)
+            + n["adapters"] / (layout.dp if shard else 1)
+        )
+        host = opt if job.optimizer_cpu_offload else 0.0
+        weights = n["frozen"] + n["dense"] + n["experts"]  # the model proper (LoRA: frozen)
+        in_flight = min(layout.pp - stage, layout.num_microbatches)
+        reference = ref_acts = 0.0
+        if algo == "dpo":
+            reference = weights * bpp["reference"]
+            ref_acts = layer_bytes(m, layout, job)
+        elif algo == "dpo-precomputed":
+            reference = 2 * 4 * layout.micro_batch_size * in_flight
         parts = {
-            "weights": n * bpp["weights"],
-            "gradients": n * bpp["gradients"],
-            "optimizer": opt,
-            "reference": n * bpp["reference"] if algo == "dpo" else 0.0,
+            "weights": (weights + n["adapters"]) * bpp["weights"],
+            "gradients": trained * bpp["gradients"],
+            "optimizer": opt - host,
+            "reference": reference,
+            "reference_acts": ref_acts,
             "activations": activation_bytes(m, layout, job, stage),
             "loss_head": loss_head_bytes(m, layout, job) if stage == layout.pp - 1 else 0.0,
         }
         subtotal = sum(parts.values())
         parts["margin"] = job.fragmentation * subtotal + job.overhead_gb * GB
         parts["total"] = subtotal + parts["margin"]
+        parts["host"] = host
         parts["stage"] = stage
         if worst is None or parts["total"] > worst["total"]:
             worst = parts
@@ -332,15 +405,48 @@ def breakdown(m: ModelConfig, layout: Layout, job: Job, algo: str = "simpo") -> 
     return worst
 
 
+#: Assumed costs of the throughput model (not measured here; see the module doc).
+TP_COST_PER_DOUBLING = 0.10
+EP_COST_PER_DOUBLING = 0.05
+PCIE_GBPS = 25.0
+
+
 def throughput(layout: Layout, job: Job) -> float:
     """Relative expected throughput (1.0 = no parallel overheads); see the module doc."""
-    tp = 1.0 / (1.0 + 0.1 * math.log2(layout.tp))
+    tp = 1.0 / (1.0 + TP_COST_PER_DOUBLING * math.log2(layout.tp))
+    ep = 1.0 / (1.0 + EP_COST_PER_DOUBLING * math.log2(layout.ep))
     m, p = layout.num_microbatches, layout.pp
     pp = 1.0 - (p - 1) / (m + p - 1)
     rc = {"none": 1.0, "full": 1 / 1.33}.get(layout.recompute)
     if rc is None:
         rc = 1 / 1.05 if job.attention == "unfused" else 1.0
-    return tp * pp * rc
+    return tp * ep * pp * rc
+
+
+def step_flops(m: ModelConfig, job: Job) -> int:
+    """Model FLOPs of one step: every pair at ``--seq-length`` (the padded worst case), its
+    ``--prompt-length`` prompt counted once (prefix sharing), 3x forward (``flops.py``)."""
+    q = min(job.prompt_length, job.seq_length - 1)
+    per_pair = flops.shared_pair_forward_flops(m, q, job.seq_length - q, job.seq_length - q)
+    return 3 * job.global_batch_size * per_pair
+
+
+def step_seconds(m: ModelConfig, layout: Layout, job: Job, algo: str = "simpo") -> float:
+    """Estimated seconds per step: model FLOPs over ``world x peak x --mfu x throughput``; DPO
+    with a resident reference runs one more forward (4/3 the work); with optimizer offload,
+    the gradients (fp32) and weights (model dtype) of each rank's shard cross PCIe at
+    :data:`PCIE_GBPS` (host Adam itself is not modelled); LoRA does ~2/3 of the work."""
+    work = step_flops(m, job) * (4 / 3 if algo == "dpo" else 1.0)
+    if job.lora_rank:
+        # A frozen base computes no weight gradients: backward is ~1 forward (the input
+        # gradients), not 2; the adapters' own matmuls are negligible at small rank.
+        work *= 2 / 3
+    seconds = work / (job.world * job.peak_tflops * 1e12 * job.mfu * throughput(layout, job))
+    if job.optimizer_cpu_offload:
+        n = rank_params(m, layout, job, 0)
+        trained = n["dense"] / layout.dp + n["experts"] / layout.expert_dp + n["adapters"]
+        seconds += trained * (4 + job.dtype_bytes) / (PCIE_GBPS * GB)
+    return seconds
 
 
 def _divisors(n: int) -> list[int]:
@@ -349,14 +455,32 @@ def _divisors(n: int) -> list[int]:
 
 def tp_problem(m: ModelConfig, tp: int) -> str | None:
     """Why TP size ``tp`` cannot split this model (None if it can)."""
+    moe = moe_dims(m)
+    mlp = [("intermediate_size", m.intermediate_size)] if moe is None else []
+    if moe is not None and moe.shared_ffn:
+        mlp = [("shared_expert_intermediate_size", moe.shared_ffn)]
     for what, n in [
         ("num_attention_heads", m.num_attention_heads),
         ("num_key_value_heads", m.kv_heads),
-        ("intermediate_size", m.intermediate_size),
+        *mlp,
         ("the padded vocabulary", m.padded_vocab_size()),
     ]:
         if n % tp:
             return f"{tp} does not divide {what} ({n})"
+    return None
+
+
+def expert_problem(m: ModelConfig, tp: int, dp: int, ep: int, etp: int) -> str | None:
+    """Why EP ``ep`` x ETP ``etp`` cannot split the experts at TP ``tp`` x DP ``dp``."""
+    moe = moe_dims(m)
+    if moe is None:
+        return None if ep == etp == 1 else "a dense model has no experts to split"
+    if moe.num_experts % ep:
+        return f"EP {ep} does not divide the {moe.num_experts} experts"
+    if moe.expert_ffn % etp:
+        return f"ETP {etp} does not divide the expert width {moe.expert_ffn}"
+    if (tp * dp) % (ep * etp):
+        return f"EP {ep} x ETP {etp} does not divide TP {tp} x DP {dp}"
     return None
 
 
@@ -370,10 +494,16 @@ def enumerate_layouts(
     distributed_optimizer: bool | None = None,
     recompute: Recompute | None = None,
     sequence_parallel: bool = True,
+    ep: int | None = None,
+    etp: int | None = None,
 ) -> list[Layout]:
     """Every valid layout: TP among the divisors of the GPUs per node up to 8 (that split the
     model), PP among the divisors of the layer count, DP = world / (TP x PP), the global batch a
-    multiple of micro-batch x DP; given values are fixed instead of enumerated."""
+    multiple of micro-batch x DP; for MoE, EP among the divisors of the expert count with
+    EP x ETP dividing TP x DP, and ETP 1 or TP (Megatron's default); given values are fixed
+    instead of enumerated. Optimizer CPU offload shards over DP like the distributed optimizer
+    (Megatron's HybridDeviceOptimizer wraps its shards), so it is always on with it."""
+    moe = moe_dims(m)
     tps = [tp] if tp else [t for t in _divisors(job.gpus_per_node) if t <= 8]
     pps = [pp] if pp else _divisors(m.num_hidden_layers)
     mbss = [micro_batch_size or 1]
@@ -386,6 +516,9 @@ def enumerate_layouts(
             if m.num_hidden_layers % p or job.world % (t * p):
                 continue
             dp = job.world // (t * p)
+            eps = [ep] if ep else (_divisors(moe.num_experts) if moe else [1])
+            etps = [etp] if etp else (sorted({1, t}) if moe else [1])
+            experts = [(e, et) for e in eps for et in etps if not expert_problem(m, t, dp, e, et)]
             for b in mbss:
                 if job.global_batch_size % (b * dp):
                     continue
@@ -393,71 +526,122 @@ def enumerate_layouts(
                 dists = [distributed_optimizer] if distributed_optimizer is not None else [False]
                 if distributed_optimizer is None and dp > 1:
                     dists.append(True)
+                if job.optimizer_cpu_offload:
+                    dists = [True]
                 for dist_opt in dists:
                     for rc in recs:
-                        out.append(
-                            Layout(t, p, dp, b, mb, dist_opt, rc, sequence_parallel and t > 1)
-                        )
+                        for e, et in experts:
+                            sp = sequence_parallel and t > 1
+                            out.append(Layout(t, p, dp, b, mb, dist_opt, rc, sp, e, et))
     return out
 
 
+def host_fits(part: dict[str, Any], job: Job) -> bool:
+    """The offloaded state of a node's GPUs (worst stage's) fits ``--host-memory-gb``."""
+    if job.host_memory_gb is None:
+        return True
+    return part["host"] * job.gpus_per_node <= job.host_memory_gb * GB
+
+
 def plan(m: ModelConfig, job: Job, **fixed: Any) -> dict[str, Any]:
-    """All valid layouts with their SimPO and DPO breakdowns, ranked, and a verdict."""
+    """All valid layouts with their breakdowns for each of :data:`ALGOS`, ranked, and a
+    verdict."""
     validate_job(job)
-    for key in ("tp", "pp"):
+    for key in ("tp", "pp", "ep", "etp"):
         if fixed.get(key) is not None and fixed[key] < 1:
-            raise ConfigError(f"--{key} must be a positive integer, got {fixed[key]}")
+            flag = {"ep": "expert-model-parallel-size", "etp": "expert-tensor-parallel-size"}
+            raise ConfigError(
+                f"--{flag.get(key, key)} must be a positive integer, got {fixed[key]}"
+            )
     if fixed.get("tp") and (problem := tp_problem(m, fixed["tp"])):
         raise ConfigError(f"--tp {problem}; choose a TP size that divides it")
     if fixed.get("pp") and m.num_hidden_layers % fixed["pp"]:
         raise ConfigError(
             f"--pp {fixed['pp']} must divide the {m.num_hidden_layers} layers; choose a divisor"
         )
+    moe = moe_dims(m)
+    for key, flag in (
+        ("ep", "--expert-model-parallel-size"),
+        ("etp", "--expert-tensor-parallel-size"),
+    ):
+        if (fixed.get(key) or 1) > 1 and moe is None:
+            raise ConfigError(f"{flag} {fixed[key]}: a dense model has no experts; drop it")
+    if fixed.get("ep") and moe is not None and moe.num_experts % fixed["ep"]:
+        raise ConfigError(
+            f"--expert-model-parallel-size {fixed['ep']} must divide the {moe.num_experts} "
+            "experts; choose a divisor"
+        )
+    if job.lora_rank:
+        lora_params(m, job.lora_rank, lora_targets(job))  # raises for MoE / bad targets
     layouts = enumerate_layouts(m, job, **fixed)
     if not layouts:
         raise ConfigError(
             f"no layout splits --global-batch-size {job.global_batch_size} over "
-            f"{job.world} GPUs with the given --tp/--pp/--micro-batch-size: the global batch must "
-            "be a multiple of micro-batch x DP; change one of them"
+            f"{job.world} GPUs with the given --tp/--pp/--micro-batch-size (and expert sizes): "
+            "the global batch must be a multiple of micro-batch x DP and EP x ETP must divide "
+            "TP x DP; change one of them"
         )
     limit = job.gpu_memory_gb * GB
     rows = []
     for lay in layouts:
-        s, d = breakdown(m, lay, job, "simpo"), breakdown(m, lay, job, "dpo")
+        s, d, pre = (breakdown(m, lay, job, a) for a in ALGOS)
         rows.append(
             {
                 "layout": asdict(lay),
                 "name": lay.name(),
                 "simpo": s,
                 "dpo": d,
-                "fits_simpo": s["total"] <= limit,
-                "fits_dpo": d["total"] <= limit,
+                "dpo_precomputed": pre,
+                "fits_simpo": s["total"] <= limit and host_fits(s, job),
+                "fits_dpo": d["total"] <= limit and host_fits(d, job),
+                "fits_dpo_precomputed": pre["total"] <= limit and host_fits(pre, job),
                 "throughput": throughput(lay, job),
+                "step_seconds": step_seconds(m, lay, job),
                 "fused_loss_head": fused_loss_head(m, lay, job)[0],
             }
         )
     # Layouts that fit, fastest first; then the rest, smallest first.
     rows.sort(
         key=lambda r: (
-            (0, -r["throughput"], r["simpo"]["total"])
+            (0, r["step_seconds"], r["simpo"]["total"])
             if r["fits_simpo"]
-            else (1, r["simpo"]["total"], -r["throughput"])
+            else (1, r["simpo"]["total"], r["step_seconds"])
         )
     )
     bpp = bytes_per_param(job)
     per_param = bpp["weights"] + bpp["gradients"] + bpp["optimizer"]
-    params = count_params(m).total
+    c = count_params(m)
+    model = {**asdict(m), "params": c.total, "active_params": c.active}
+    if moe is not None:
+        model["moe"] = asdict(moe)
+    if job.lora_rank:
+        model["adapter_params"] = (
+            c.num_layers * lora_params(m, job.lora_rank, lora_targets(job)).total
+        )
+    fl = step_flops(m, job)
     return {
-        "model": {**asdict(m), "params": params},
+        "model": model,
         "job": {**asdict(job), "world": job.world},
         "bytes_per_param": {
             **bpp,
             "simpo_total": per_param,
             "dpo_total": per_param + bpp["weights"],
         },
+        "flops": {
+            "step": fl,
+            "router_share": step_router_flops(m, job) / fl,
+            "matmul_params": flops.matmul_params(m),
+        },
         "layouts": rows,
         "verdict": verdict(rows, job),
     }
+
+
+def step_router_flops(m: ModelConfig, job: Job) -> int:
+    """The routers' share of :func:`step_flops` (3x forward over the same tokens)."""
+    q = min(job.prompt_length, job.seq_length - 1)
+    tokens = job.global_batch_size * (2 * job.seq_length - q)
+    return 3 * tokens * flops.router_flops_per_token(m)
 
 
 def validate_job(job: Job) -> None:
@@ -477,6 +661,18 @@ def validate_job(job: Job) -> None:
         raise ConfigError(f"--overhead-gb must be >= 0, got {job.overhead_gb}")
     if not isinstance(job.loss_chunk_size, int) or job.loss_chunk_size < 1:
         raise ConfigError(f"--loss-chunk-size must be >= 1, got {job.loss_chunk_size}")
+    if not isinstance(job.lora_rank, int) or job.lora_rank < 0:
+        raise ConfigError(f"--lora-rank must be a positive integer, got {job.lora_rank!r}")
+    if not 0 <= job.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout must be in [0, 1), got {job.lora_dropout}")
+    if not 0 < job.mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {job.mfu}")
+    if not job.peak_tflops > 0:
+        raise ConfigError(f"--peak-tflops must be positive, got {job.peak_tflops}")
+    if not 0 <= job.prompt_length < job.seq_length:
+        raise ConfigError(f"--prompt-length must be in [0, --seq-length), got {job.prompt_length}")
+    if job.host_memory_gb is not None and not job.host_memory_gb > 0:
+        raise ConfigError(f"--host-memory-gb must be positive, got {job.host_memory_gb}")
 
 
 def verdict(rows: list[dict[str, Any]], job: Job) -> str:
@@ -499,69 +695,91 @@ def verdict(rows: list[dict[str, Any]], job: Job) -> str:
     )
 
 
-#: Breakdown keys and their table headings.
-COLUMNS = {
-    "weights": "weights",
-    "gradients": "grads",
-    "optimizer": "optim",
-    "activations": "acts",
-    "loss_head": "logits",
-    "margin": "margin",
-}
+def _best(rows: list[dict[str, Any]], algo: str) -> dict[str, Any]:
+    """The fastest layout that fits ``algo``, else the one with the smallest peak."""
+    key = "fits_" + algo.replace("-", "_")
+    fit = [r for r in rows if r[key]]
+    if fit:
+        return min(fit, key=lambda r: r["step_seconds"] * (4 / 3 if algo == "dpo" else 1))
+    return min(rows, key=lambda r: r[algo.replace("-", "_")]["total"])
 
 
-def stage_name(stage: int, pp: int) -> str:
-    return "all" if pp == 1 else ("first" if stage == 0 else "last")
+def scoring_cost(m: ModelConfig, job: Job, num_pairs: int) -> dict[str, float]:
+    """One-off cost of ``score-reference`` over ``num_pairs`` pairs: one forward of both
+    sequences of each pair at ``--seq-length`` (prompt counted once with ``--prompt-length``),
+    on all GPUs at the assumed MFU (no backward, no bubble)."""
+    q = min(job.prompt_length, job.seq_length - 1)
+    per_pair = flops.shared_pair_forward_flops(m, q, job.seq_length - q, job.seq_length - q)
+    total = num_pairs * per_pair
+    seconds = total / (job.world * job.peak_tflops * 1e12 * job.mfu)
+    steps = num_pairs / job.global_batch_size
+    return {"pairs": num_pairs, "flops": total, "seconds": seconds, "train_steps": steps}
 
 
-def format_plan(result: dict[str, Any], top: int = 10) -> str:
-    """The human-readable report."""
-    m, job, bpp = result["model"], result["job"], result["bytes_per_param"]
-    lines = [
-        f"model: {m['params'] / 1e9:.2f}B parameters (hidden {m['hidden_size']}, "
-        f"{m['num_hidden_layers']} layers, {m['num_attention_heads']} heads / "
-        f"{m['num_key_value_heads'] or m['num_attention_heads']} KV, ffn "
-        f"{m['intermediate_size']}, vocab {m['vocab_size']})",
-        f"job: {job['nodes']} node(s) x {job['gpus_per_node']} GPUs x "
-        f"{job['gpu_memory_gb']:g} GB, seq {job['seq_length']}, global batch "
-        f"{job['global_batch_size']} pairs, {job['precision']}, {job['attention']} attention, "
-        f"{job['kernels']} kernels, "
-        + {None: "loss head fused where it saves memory", True: "fused loss head"}.get(
-            job["fused_loss_head"], "unfused loss head"
+def objectives(m: ModelConfig, job: Job, rows: list[dict[str, Any]], num_pairs: int | None):
+    """DPO with a resident reference vs DPO from precomputed log-probs vs SimPO: each at its
+    best layout, the one-off scoring cost, and the memory the reference takes on this model."""
+    names = {
+        "dpo": "DPO, resident reference",
+        "dpo-precomputed": "DPO, precomputed log-probs",
+        "simpo": "SimPO",
+    }
+    out = []
+    for algo, name in names.items():
+        r = _best(rows, algo)
+        part = r[algo.replace("-", "_")]
+        seconds = r["step_seconds"] * (4 / 3 if algo == "dpo" else 1)
+        fits = r["fits_" + algo.replace("-", "_")]
+        out.append(
+            {"objective": name, "layout": r["name"], "fits": fits, "seconds": seconds, **part}
         )
-        + (f" (chunk {job['loss_chunk_size']})" if job["fused_loss_head"] is not False else ""),
-        f"bytes/param: weights {bpp['weights']} + grads {bpp['gradients']} + Adam "
-        f"{bpp['optimizer']} = {bpp['simpo_total']} (SimPO); DPO adds a reference copy, "
-        f"+{bpp['reference']} = {bpp['dpo_total']}: SimPO saves "
-        f"{bpp['reference'] / bpp['dpo_total']:.0%} of static memory without the distributed "
-        "optimizer (a larger share when it shards Adam over DP), plus the reference forward",
-        "",
-    ]
-    head = (
-        f"{'#':>3} {'layout':<34} {'mbs':>3} {'m':>4} {'stage':>5} "
-        + " ".join(f"{c:>7}" for c in COLUMNS.values())
-        + f" {'SimPO':>7} {'DPO':>7} {'fits':>5} {'speed':>5} {'head':>7}"
-    )
-    lines += [
-        "per-GPU GB of the worst pipeline stage (stage); m = micro-batches per step; "
-        "fits: S = SimPO, D = DPO+ref; speed = relative expected throughput; head = loss head",
-        head,
-    ]
-    for i, r in enumerate(result["layouts"][:top], 1):
-        s, d, lay = r["simpo"], r["dpo"], r["layout"]
-        fits = ("S" if r["fits_simpo"] else "-") + ("D" if r["fits_dpo"] else "-")
-        lines.append(
-            f"{i:>3} {r['name']:<34} {lay['micro_batch_size']:>3} {lay['num_microbatches']:>4} "
-            f"{stage_name(s['stage'], lay['pp']):>5} "
-            + " ".join(f"{s[c] / GB:>7.2f}" for c in COLUMNS)
-            + f" {s['total'] / GB:>7.2f} {d['total'] / GB:>7.2f} {fits:>5} "
-            f"{r['throughput']:>5.2f} {'fused' if r['fused_loss_head'] else 'unfused':>7}"
+    c = count_params(m)
+    bpp = bytes_per_param(job)
+    # LoRA: the trained state is the frozen base (its weights) plus the small adapters.
+    state = bpp["weights"] + (0 if job.lora_rank else bpp["gradients"] + bpp["optimizer"])
+    truth = {
+        "params": c.total,
+        "reference_gb": c.total * bpp["reference"] / GB,
+        "training_state_gb": c.total * state / GB,
+        "reference_bytes_per_param": bpp["reference"],
+        "state_bytes_per_param": state,
+    }
+    scoring = scoring_cost(m, job, num_pairs) if num_pairs else None
+    return {"rows": out, "memory": truth, "scoring": scoring}
+
+
+#: The LoRA rank the variants table shows when ``--lora-rank`` is not given.
+DEFAULT_VARIANT_RANK = 16
+
+
+def variants(m: ModelConfig, job: Job, **fixed: Any) -> list[dict[str, Any]]:
+    """Which SimPO jobs fit this hardware: full-parameter, full-parameter with optimizer CPU
+    offload, LoRA (``--lora-rank``, else rank 16): the best layout of each."""
+    base = dataclasses.replace(job, lora_rank=0, optimizer_cpu_offload=False)
+    rank = job.lora_rank or DEFAULT_VARIANT_RANK
+    jobs = {
+        "full-parameter": base,
+        "full-parameter + optimizer CPU offload": dataclasses.replace(
+            base, optimizer_cpu_offload=True
+        ),
+        f"LoRA r{rank} ({job.lora_target})": dataclasses.replace(base, lora_rank=rank),
+    }
+    out = []
+    for name, j in jobs.items():
+        rows = plan(m, j, **fixed)["layouts"]
+        r = _best(rows, "simpo")
+        out.append(
+            {
+                "job": name,
+                "layout": r["name"],
+                "fits": r["fits_simpo"],
+                "gb_per_gpu": r["simpo"]["total"] / GB,
+                "host_gb_per_node": r["simpo"]["host"] * j.gpus_per_node / GB,
+                "step_seconds": r["step_seconds"],
+                "layouts_that_fit": sum(x["fits_simpo"] for x in rows),
+            }
         )
-    hidden = len(result["layouts"]) - top
-    if hidden > 0:
-        lines.append(f"    ... {hidden} more layouts (--top N to show them, --json for all)")
-    lines += ["", "verdict: " + result["verdict"]]
-    return "\n".join(lines)
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -628,6 +846,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--loss-chunk-size", type=int, default=1024, help="tokens per chunk of the fused head"
     )
+    p.add_argument(
+        "--loss",
+        choices=OBJECTIVE_NAMES,
+        default="simpo",
+        help="the objective; a reference objective (DPO family) adds the comparison of DPO with "
+        "a resident reference, DPO from precomputed log-probs and SimPO",
+    )
+    p.add_argument(
+        "--num-pairs", type=int, help="pairs in the dataset: the one-off score-reference cost"
+    )
+    p.add_argument(
+        "--prompt-length",
+        type=int,
+        default=0,
+        help="prompt tokens shared by a pair's two sequences (prefix sharing): counted once in "
+        "the FLOPs",
+    )
+    p.add_argument(
+        "--mfu", type=float, default=0.40, help="assumed MFU for the time estimates (no bubble)"
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="peak TFLOP/s per GPU (H100/H200 bf16)"
+    )
+    p.add_argument("--lora-rank", type=int, default=0, help="size a LoRA run of this rank")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (no effect on memory)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
+    p.add_argument(
+        "--lora-target",
+        default="all",
+        help="qkv,proj,fc1,fc2 | all | HF names (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+        "down_proj)",
+    )
+    p.add_argument(
+        "--optimizer-cpu-offload",
+        action="store_true",
+        help="fp32 master weights and Adam state on the host (Megatron-Core's "
+        "optimizer_cpu_offload, with the distributed optimizer)",
+    )
+    p.add_argument("--host-memory-gb", type=float, help="host memory per node for the offload")
+    p.add_argument(
+        "--expert-model-parallel-size",
+        type=int,
+        help="fix EP (MoE; default: enumerate divisors of the expert count)",
+    )
+    p.add_argument(
+        "--expert-tensor-parallel-size",
+        type=int,
+        help="fix ETP (MoE; default: enumerate 1 and TP)",
+    )
     p.add_argument("--top", type=int, default=10, help="layouts to list")
     p.add_argument("--json", action="store_true", help="print the full plan as JSON")
 
@@ -648,20 +915,36 @@ def main(args: argparse.Namespace) -> int:
         overhead_gb=args.overhead_gb,
         fused_loss_head=args.fused_loss_head,
         loss_chunk_size=args.loss_chunk_size,
+        lora_rank=args.lora_rank,
+        lora_target=args.lora_target,
+        lora_dropout=args.lora_dropout,
+        optimizer_cpu_offload=args.optimizer_cpu_offload,
+        host_memory_gb=args.host_memory_gb,
+        prompt_length=args.prompt_length,
+        mfu=args.mfu,
+        peak_tflops=args.peak_tflops,
     )
+    if args.num_pairs is not None and args.num_pairs < 1:
+        raise ConfigError(f"--num-pairs must be a positive integer, got {args.num_pairs}")
     if args.micro_batch_size is not None and args.micro_batch_size < 1:
         raise ConfigError(
             f"--micro-batch-size must be a positive integer, got {args.micro_batch_size}"
         )
-    result = plan(
-        m,
-        job,
+    fixed = dict(
         tp=args.tp,
         pp=args.pp,
         micro_batch_size=args.micro_batch_size,
         distributed_optimizer=args.distributed_optimizer,
         recompute=args.recompute,
         sequence_parallel=args.sequence_parallel,
+        ep=args.expert_model_parallel_size,
+        etp=args.expert_tensor_parallel_size,
     )
+    result = plan(m, job, **fixed)
+    result["job_loss"] = args.loss
+    if LossConfig(objective=args.loss).needs_reference:
+        result["objectives"] = objectives(m, job, result["layouts"], args.num_pairs)
+    if job.lora_rank or job.optimizer_cpu_offload:
+        result["variants"] = variants(m, job, **fixed)
     print(json.dumps(result, indent=1) if args.json else format_plan(result, args.top))
     return 0

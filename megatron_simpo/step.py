@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_simpo import batch_loss
+from megatron_simpo import batch_loss, moe, packed_seq
 from megatron_simpo.batch_loss import reduce_reports
 from megatron_simpo.config import LossConfig
 from megatron_simpo.data.packing import (
@@ -23,6 +23,7 @@ from megatron_simpo.data.packing import (
     check_attention_supports_mask,
     per_sequence_rope,
 )
+from megatron_simpo.flex_attention import block_mask_from
 from megatron_simpo.fused_logprobs import HiddenStatesGPTModel, scored_positions
 from megatron_simpo.model import model_device, unwrap
 
@@ -34,24 +35,67 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
     checked: set[int] = set()
 
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
+        batch = next(data_iterator)
         core = unwrap(model)
         head = core if isinstance(core, HiddenStatesGPTModel) else None
-        batch = next(data_iterator)
-        if head is not None and core.post_process:  # on the host, before the transfer
-            batch = {**batch, "scored_index": scored_positions(batch["loss_mask"])}
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if "segment_ids" in batch and thd_packed(model):
+            # Transformer Engine: the rows as one stream of THD sequences (packed_seq.py),
+            # cu_seqlens from the host batch.
+            batch, params = packed_seq.thd_batch(batch)
+            batch = _to_device(_with_scored_index(batch, core, head), device)
+            params = packed_seq.to_device(params, device)
+            output = model(
+                batch["tokens"],
+                batch["position_ids"],
+                None,
+                packed_seq_params=params,
+                **_moe_kwargs(batch, core),
+            )
+            return output, partial(batch_loss.loss_func, loss_cfg, vocab_size, batch, head=head)
+        batch = _to_device(_with_scored_index(batch, core, head), device)
+        moe_kwargs = _moe_kwargs(batch, core)
         if "segment_ids" in batch:  # packed rows: block-diagonal mask, per-sequence RoPE
             if id(model) not in checked:
                 check_attention_supports_mask(model)
                 checked.add(id(model))
-            mask = attention_mask_from(batch["segment_ids"], batch["branch_ids"])
+            # FlexAttention models take a block mask (the rule, per tile), others a dense one.
+            build = block_mask_from if packed_format(model) == "block" else attention_mask_from
+            mask = build(batch["segment_ids"], batch["branch_ids"])
             with per_sequence_rope(model, batch["position_ids"]):
-                output = model(batch["tokens"], batch["position_ids"], mask)
+                output = model(batch["tokens"], batch["position_ids"], mask, **moe_kwargs)
         else:
-            output = model(batch["tokens"], batch["position_ids"], None)
+            output = model(batch["tokens"], batch["position_ids"], None, **moe_kwargs)
         return output, partial(batch_loss.loss_func, loss_cfg, vocab_size, batch, head=head)
 
     return forward_step
+
+
+def _moe_kwargs(batch: dict[str, torch.Tensor], core) -> dict:
+    """MoE: padding stays out of the router's load-balancing loss ({} for a dense model)."""
+    return {"padding_mask": moe.padding_mask(batch, core)} if core.config.num_moe_experts else {}
+
+
+def packed_format(model) -> str:
+    """How ``model`` takes packed rows (set by ``model.build_model``): ``thd`` (Transformer
+    Engine: THD sequences), ``block`` (FlexAttention block mask) or ``mask`` (dense mask)."""
+    return getattr(unwrap(model), "packed_seq_format", "mask")
+
+
+def thd_packed(model) -> bool:
+    """Whether ``model`` takes packed rows as THD sequences (Transformer Engine)."""
+    return packed_format(model) == "thd"
+
+
+def _with_scored_index(batch: dict, core, head) -> dict:
+    """The batch plus ``scored_index`` (``fused_logprobs.scored_positions``) for the fused head
+    on the last stage, computed on the host before the transfer (no device sync)."""
+    if head is None or not core.post_process:
+        return batch
+    return {**batch, "scored_index": scored_positions(batch["loss_mask"])}
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def run_forward_backward(
@@ -67,6 +111,8 @@ def run_forward_backward(
     vpp = len(model)
     iterators = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
     rows = micro_batches[0]["tokens"].shape[0]
+    if "segment_ids" in micro_batches[0] and thd_packed(model[0]):
+        rows, seq_len = 1, rows * seq_len  # one [rows * s] stream per micro-batch (packed_seq.py)
     return get_forward_backward_func()(
         forward_step_func=make_forward_step(loss_cfg, vocab_size),
         data_iterator=iterators,
@@ -89,7 +135,8 @@ def train_step(
     after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Forward, backward, optimizer step; returns the reduced metrics, ``grad_norm``, ``lr``,
-    ``update_ok`` and, with fp16's dynamic loss scaling, ``loss_scale``.
+    ``update_ok``, with fp16's dynamic loss scaling ``loss_scale`` and for a mixture of experts
+    with an aux loss ``moe/aux_loss``.
 
     ``after_backward`` runs once gradients are final (reduced over DP, divided by the global
     pair count) and before the optimizer touches them (tests use it to export gradients).
@@ -97,10 +144,14 @@ def train_step(
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    config = unwrap(model[0]).config
+    if config.num_moe_experts:
+        moe.reset_aux_loss()
     reports = run_forward_backward(model, micro_batches, seq_len, loss_cfg, vocab_size)
+    aux = moe.aux_loss_metrics(config, len(micro_batches))  # before anything else runs forward
     if after_backward is not None:
         after_backward()
-    metrics = reduce_reports(reports, loss_cfg)
+    metrics = reduce_reports(reports, loss_cfg) | aux
     lr = optimizer.param_groups[0]["lr"]
     update_ok, grad_norm = False, None
     # A non-finite loss or gradient must never reach the weights (or Adam's moments): skip the

@@ -391,18 +391,20 @@ def test_packing_defaults_on_where_the_backend_takes_the_mask(backend):
 
 
 @pytest.mark.parametrize("argv", [["--attention-backend", "te"], []])
-def test_packing_defaults_off_with_transformer_engine(argv):
+def test_with_transformer_engine_packing_is_thd_and_prefix_sharing_off(argv):
     got, why = resolved(argv, te=True)  # auto picks TE where it is installed with CUDA
-    assert got["pack_pairs"] is got["prefix_sharing"] is False
-    assert "TE backend has no packed mask path yet" in why["prefix_sharing"][1]
+    assert got["pack_pairs"] is True and got["prefix_sharing"] is False
+    assert "THD sequences" in why["pack_pairs"][1]
+    assert "causal per sequence" in why["prefix_sharing"][1] and "off" in why["prefix_sharing"][1]
     # Explicit flags win: off everywhere, on with auto (which then builds SDPA, as before).
-    assert resolved(["--no-pack-pairs"])[0]["pack_pairs"] is False
-    assert resolved(["--pack-pairs"], te=True)[0]["pack_pairs"] is True
+    assert resolved(["--no-pack-pairs"], te=True)[0]["pack_pairs"] is False
+    assert resolved(["--prefix-sharing"], te=True)[0]["prefix_sharing"] is True
 
 
-def test_explicit_packing_with_te_still_errors_and_the_default_does_not():
-    with pytest.raises(ConfigError, match="--pack-pairs / --prefix-sharing need"):
-        parse(["--data-path", "x", "--attention-backend", "te", "--pack-pairs"]).validate()
+def test_explicit_prefix_sharing_with_te_errors_and_packing_does_not():
+    with pytest.raises(ConfigError, match="--prefix-sharing needs --attention-backend sdpa"):
+        parse(["--data-path", "x", "--attention-backend", "te", "--prefix-sharing"]).validate()
+    parse(["--data-path", "x", "--attention-backend", "te", "--pack-pairs"]).validate()
     parse(["--data-path", "x", "--attention-backend", "te"]).validate()
 
 

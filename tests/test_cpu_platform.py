@@ -43,6 +43,7 @@ def test_every_documented_patch_is_probed(probe):
         "cuda_current_device",
         "cuda_sync_and_streams",
         "rng_tracker",
+        "alltoall_split_sizes",
         "dist_ckpt_results_queue",
     ],
 )

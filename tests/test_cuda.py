@@ -6,7 +6,9 @@ pair weights 0.5/1/2), three SimPO training steps of a small GQA Llama are run:
 
 * the **fp32 CPU reference**: a process with CUDA hidden (gloo, Megatron's local attention);
 * on CUDA (NCCL, one process): fp32 with local attention, SDPA, the fused loss head and packed
-  rows, and bf16 with SDPA, the fused head and packed rows.
+  rows, and bf16 with SDPA, the fused head and packed rows; prefix-shared rows through the
+  compiled FlexAttention block mask (fp32, bf16); with Transformer Engine installed, bf16 on TE
+  padded, TE packed as THD sequences (``PackedSeqParams``) and the defaults (TE + THD).
 
 Then: CUDA fp32 matches the CPU reference closely (device parity); bf16 matches it within bf16
 rounding; SDPA matches local attention; the fused head matches the materialised one; packed rows
@@ -18,6 +20,7 @@ The module doubles as the worker script: ``python tests/test_cuda.py OUT DATA VA
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -68,6 +71,22 @@ VARIANTS = {
     "bf16_fused": {"precision": "bf16", **FUSED},
     "bf16_packed": {"precision": "bf16", **PACKED},
 }
+#: Transformer Engine variants (where TE is installed): its fused attention padded, packed as
+#: THD sequences (PackedSeqParams, megatron_simpo/packed_seq.py), and the defaults (auto: TE,
+#: packing on as THD, prefix sharing off, the fused head as the memory model decides).
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+TE = {**SDPA, "attention_backend": "te"}
+TE_VARIANTS = {
+    "bf16_te": {"precision": "bf16", **TE},
+    "bf16_te_thd": {"precision": "bf16", **TE, "pack_pairs": True},
+    "bf16_defaults": {"precision": "bf16"},
+}
+if HAVE_TE:
+    VARIANTS.update(TE_VARIANTS)
+#: Prefix-shared pairs through FlexAttention's block mask (compiled; gradients on CUDA only).
+FLEX = {**SDPA, "attention_backend": "flex", "prefix_sharing": True}
+VARIANTS["fp32_flex_prefix"] = {"precision": "fp32", **FLEX}
+VARIANTS["bf16_flex_prefix"] = {"precision": "bf16", **FLEX}
 SCALARS = ("loss", "logps/chosen", "logps/rejected", "rewards/margins")
 
 
@@ -87,6 +106,13 @@ def write_pairs(path: Path, n: int = 64, seed: int = 0) -> None:
             row = {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
             row["weight"] = rng.choice([0.5, 1.0, 2.0])
             f.write(json.dumps(row) + "\n")
+
+
+def local_name(name: str) -> str:
+    """A parameter's name in the local spec: TE's spec fuses each pre-norm into the next linear
+    (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``); same tensors."""
+    name = name.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
+    return name.replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
 
 
 def _config(name: str, data: str):
@@ -118,7 +144,7 @@ def train_variant(name: str, data: str, out: Path) -> None:
 
     trainer = Trainer(_config(name, data))
     trainer.setup()
-    params = {n: p for chunk in trainer.model for n, p in chunk.named_parameters()}
+    params = {local_name(n): p for chunk in trainer.model for n, p in chunk.named_parameters()}
     init = out / "init.pt"
     if init.exists():
         weights = torch.load(init)
@@ -137,7 +163,11 @@ def train_variant(name: str, data: str, out: Path) -> None:
 
     steps = [trainer.step(grab if i == 0 else None) for i in range(STEPS)]
     parallel.destroy_model_parallel()
-    torch.save({"device": device, "steps": steps, "grads": grads}, out / f"{name}.pt")
+    from megatron_simpo.model import attention_label
+
+    record = {"device": device, "steps": steps, "grads": grads}
+    record["attention"] = attention_label(trainer.cfg)
+    torch.save(record, out / f"{name}.pt")
 
 
 def _worker(out: Path, data: str, names: list[str], cuda: bool) -> subprocess.CompletedProcess:
@@ -165,11 +195,20 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     return res
 
 
-def _check(got: dict, ref: dict, scalar_atol: float, grad_rtol: float, later_atol: float) -> None:
+def _check(
+    got: dict,
+    ref: dict,
+    scalar_atol: float,
+    grad_rtol: float,
+    later_atol: float,
+    fewer_tokens: bool = False,
+) -> None:
     """Step-1 metrics and gradients (same weights, same batch), then the losses of the later
     steps (after Adam updates)."""
     g1, r1 = got["steps"][0], ref["steps"][0]
-    assert g1["pairs"] == r1["pairs"] == 16 and g1["tokens"] == r1["tokens"]
+    assert g1["pairs"] == r1["pairs"] == 16
+    # Prefix sharing computes each prompt once: fewer tokens than the same pairs padded.
+    assert (g1["tokens"] < r1["tokens"]) if fewer_tokens else (g1["tokens"] == r1["tokens"])
     for key in SCALARS:
         assert math.isfinite(g1[key]) and abs(g1[key] - r1[key]) <= scalar_atol, (key, g1, r1)
     assert abs(g1["grad_norm"] - r1["grad_norm"]) <= grad_rtol * r1["grad_norm"], (g1, r1)
@@ -222,6 +261,42 @@ def test_fused_loss_head_matches_materialised_on_cuda(runs, precision):
 def test_packed_rows_match_padded_on_cuda(runs, precision):
     tol = FP32 if precision == "fp32" else BF16
     _check(runs[f"{precision}_packed"], runs[f"{precision}_sdpa"], **tol)
+
+
+needs_te = pytest.mark.skipif(not HAVE_TE, reason="needs Transformer Engine")
+
+
+@needs_te
+def test_te_steps_match_the_fp32_cpu_reference(runs):
+    assert runs["bf16_te"]["attention"] == "te"
+    _check(runs["bf16_te"], runs["cpu_reference"], **BF16)
+
+
+@needs_te
+def test_te_thd_packing_matches_te_padded(runs):
+    """Packed pairs through TE's fused attention as THD sequences (cu_seqlens) against the same
+    pairs padded, both bf16 on TE: BF16's bounds (the packed layout changes the flash kernel's
+    tiling, i.e. which bf16 roundings happen, not what is summed); a span boundary in the wrong
+    place leaks across sequences, which moved the gradients by 1.0 of their scale (see BF16)."""
+    assert runs["bf16_te_thd"]["attention"] == "te/thd"
+    _check(runs["bf16_te_thd"], runs["bf16_te"], **BF16)
+    _check(runs["bf16_te_thd"], runs["cpu_reference"], **BF16)
+
+
+@needs_te
+def test_defaults_on_te_pack_as_thd_and_match_the_reference(runs):
+    assert runs["bf16_defaults"]["attention"] == "te/thd"
+    _check(runs["bf16_defaults"], runs["cpu_reference"], **BF16)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_flex_prefix_sharing_matches_padded_on_cuda(runs, precision):
+    """Prefix-shared pairs (prompt once, rejected not seeing chosen) through the compiled
+    FlexAttention block mask against the same pairs padded: the fp32/bf16 bounds of packed vs
+    padded (the same sums over other tiles; a leak of chosen into rejected is O(1))."""
+    assert runs[f"{precision}_flex_prefix"]["attention"] == "flex/block"
+    tol = FP32 if precision == "fp32" else BF16
+    _check(runs[f"{precision}_flex_prefix"], runs[f"{precision}_sdpa"], **tol, fewer_tokens=True)
 
 
 def test_cuda_vocab_parallel_logprobs_match_cpu():

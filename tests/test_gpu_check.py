@@ -57,7 +57,7 @@ def run_check(tmp_path: Path, **env: str) -> tuple[int, Path]:
 
 def _results(out: Path) -> dict[str, str]:
     """stage -> result, from summary.txt's table."""
-    lines = (out / "summary.txt").read_text().splitlines()[2:6]
+    lines = (out / "summary.txt").read_text().splitlines()[2:7]
     return {line.split()[0]: " ".join(line.split()[1:-1]) for line in lines}
 
 
@@ -69,6 +69,7 @@ def test_dry_run_installs_wheels_and_stops_where_cuda_is_needed(tmp_path):
         "setup": "ok",
         "cuda_tests": "skipped (no CUDA)",
         "sdpa_probe": "skipped (no CUDA)",
+        "thd": "skipped (no CUDA)",
         "slice": "skipped (no CUDA)",
     }
     setup = (out / "setup.log").read_text()
@@ -94,6 +95,7 @@ def test_missing_module_fails_setup_and_names_the_wheel(tmp_path):
         "setup": "failed (exit 1)",
         "cuda_tests": "skipped (setup failed)",
         "sdpa_probe": "skipped (setup failed)",
+        "thd": "skipped (setup failed)",
         "slice": "skipped (setup failed)",
     }
     setup = (out / "setup.log").read_text()

@@ -425,6 +425,16 @@ def test_an_explicit_mask_turns_off_the_softmax_and_rope_fusions():
     ]
 
 
+def test_thd_packing_keeps_rope_fused_only_with_tes_thd_kernel():
+    """Packed rows as THD sequences (Transformer Engine) take no explicit mask: the RoPE fusion
+    stays on where TE's THD RoPE kernel exists (``fused_apply_rotary_pos_emb_thd``)."""
+    every = _kernels(cuda=True, te_rope=True, compiler=True)
+    assert not model_lib.fusion_flags(every, explicit_mask=False, thd=True)["apply_rope_fusion"]
+    thd = model_lib.Kernels(**{**vars(every), "te_rope_thd": True})
+    assert model_lib.fusion_flags(thd, explicit_mask=False, thd=True)["apply_rope_fusion"]
+    assert not model_lib.fusion_flags(thd, explicit_mask=True)["apply_rope_fusion"]
+
+
 def test_available_kernels_reads_what_imports(monkeypatch):
     importable = {"scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -125,14 +125,18 @@ def test_prefix_shared_mask_hides_chosen_from_rejected():
     assert seen[6] == [0, 1, 4, 5, 6]
 
 
-def test_transformer_engine_backend_is_refused():
+def test_transformer_engine_refuses_prefix_sharing_and_takes_packing():
     from megatron_simpo.config import RunConfig
     from megatron_simpo.errors import ConfigError
 
-    for flag in ("pack_pairs", "prefix_sharing"):
-        cfg = RunConfig.from_dict({"train": {flag: True, "attention_backend": "te"}})
-        with pytest.raises(ConfigError, match="--attention-backend sdpa"):
-            cfg.validate(world_size=1)
+    def cfg(flag: str) -> RunConfig:
+        train = {flag: True, "attention_backend": "te"}
+        return RunConfig.from_dict({"train": train, "data": {"data_path": "x.jsonl"}})
+
+    with pytest.raises(ConfigError, match="--prefix-sharing needs --attention-backend sdpa"):
+        cfg("prefix_sharing").validate(world_size=1)
+    # Plain packing reaches TE as THD sequences (tests/test_packed_seq.py).
+    cfg("pack_pairs").validate(world_size=1)
 
 
 def test_packed_rows_are_block_diagonal():

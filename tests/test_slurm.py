@@ -364,7 +364,7 @@ def _check_step_environment(steps, container: bool, mounted: list[Path]) -> None
     "script, preset, nodes, layout",
     [
         ("simpo_llama3_8b.sbatch", "llama3-8b", 1, (1, 2, 4)),
-        ("simpo_llama3_70b.sbatch", "llama3-70b", 4, (8, 4, 1)),
+        ("simpo_llama3_70b.sbatch", "llama3-70b", 4, (4, 8, 1)),
     ],
 )
 def test_gpu_scripts_give_a_valid_run(tmp_path, script, preset, nodes, layout, container):
@@ -598,3 +598,80 @@ def test_dpo_script_scores_the_reference_then_trains(tmp_path, container):
         train.parallel.pipeline_model_parallel_size,
     ) == (1, 2)
     assert score.train.seq_length == train.train.seq_length == 2048
+
+
+#: Qwen3-30B-A3B's config.json (the fields that matter).
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "attention_bias": False,
+}
+
+
+def test_moe_script_gives_a_valid_ep8_run(tmp_path):
+    """slurm/simpo_qwen3_30b_a3b.sbatch, run by bash with stand-ins for srun/scontrol: a training
+    command that validates at 8 ranks with Qwen3-30B-A3B's config in the documented EP8 TP1
+    layout (dense layers DP8), with the router aux loss at Qwen3-MoE's coefficient."""
+    from dataclasses import asdict
+
+    from megatron_simpo.cli import build_parser, config_from_args
+    from megatron_simpo.config import ModelConfig
+
+    text = (REPO / "slurm" / "simpo_qwen3_30b_a3b.sbatch").read_text()
+    assert "#SBATCH --nodes=1" in text and '"EP8 TP1"' in text
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    model = ModelConfig.from_hf_config(tmp_path / "hf")
+    init = tmp_path / "init"
+    (init / "iter_0000000").mkdir(parents=True)
+    (init / "latest_checkpointed_iteration.txt").write_text("0")
+    run_state = {"config": {"model": asdict(model)}}
+    (init / "iter_0000000" / "run_state.json").write_text(json.dumps(run_state))
+    (tmp_path / "pairs.jsonl").write_text("")
+    env = {
+        "HF_MODEL": str(tmp_path / "hf"),
+        "INIT_CKPT": str(init),
+        "DATA": str(tmp_path / "pairs.jsonl"),
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "gpu1",
+    }
+    steps, _ = _run_script(tmp_path, "simpo_qwen3_30b_a3b.sbatch", env, container=False)
+    (_, _), (_, argv) = steps
+    launch, train = argv[: argv.index("megatron_simpo")], argv[argv.index("megatron_simpo") + 1 :]
+    cfg = config_from_args(build_parser().parse_args(train))
+    world = int(launch[launch.index("--nproc-per-node") + 1])
+    cfg.validate(world_size=world, training=True)
+    p = cfg.parallel
+    assert world == 8 and (p.tensor_model_parallel_size, p.pipeline_model_parallel_size) == (1, 1)
+    assert (p.expert_model_parallel_size, p.expert_tensor_parallel_size) == (8, 1)
+    assert p.use_distributed_optimizer and cfg.train.moe_aux_loss_coeff == 0.001
+    assert cfg.model.num_experts == 128 and cfg.model.model_type == "qwen3_moe"
+    assert cfg.model.num_experts // p.expert_model_parallel_size == 16  # experts per GPU
+    # Without DATA the script stops with a message instead of training on someone else's pairs.
+    env.pop("DATA")
+    bin_dir, _ = _fake_cluster(tmp_path / "nodata")
+    done = subprocess.run(
+        ["bash", str(REPO / "slurm" / "simpo_qwen3_30b_a3b.sbatch")],
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REPO": str(REPO), **env},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "set DATA" in done.stderr

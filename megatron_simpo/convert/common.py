@@ -8,6 +8,7 @@ a model with any number of layers.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from megatron_simpo.config import ModelConfig, RunConfig
@@ -29,6 +30,17 @@ HF_SIDE_FILES = (
 )
 
 
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+def expert_index(name: str) -> int | None:
+    """The expert of a module state-dict name (``...mlp.experts.local_experts.{e}...``), or
+    None. Megatron-Core stores expert tensors stacked along an expert axis after the layer axis
+    (``[layers, experts, ...]``, one key for all experts), which expert parallelism shards."""
+    m = _EXPERT.search(name)
+    return int(m.group(1)) if m else None
+
+
 @dataclass(frozen=True)
 class CheckpointNames:
     """The dist-checkpoint layout of a model.
@@ -37,10 +49,12 @@ class CheckpointNames:
         keys: module state-dict name (layer 0) -> (dist-checkpoint key, layer-stacked?, shape
             of one layer's tensor).
         extra_state: layer-stacked ShardedObject keys (module extra state) -> their data.
+        expert_extra_state: those of them stacked over experts too (``[layers, experts]``).
     """
 
     keys: dict[str, tuple[str, bool, tuple[int, ...]]]
     extra_state: dict[str, object]
+    expert_extra_state: frozenset[str] = frozenset()
 
 
 def checkpoint_names(model_cfg: ModelConfig) -> CheckpointNames:
@@ -57,12 +71,15 @@ def checkpoint_names(model_cfg: ModelConfig) -> CheckpointNames:
     (model,) = build_model(cfg, use_te=False)
     keys: dict[str, tuple[str, bool, tuple[int, ...]]] = {}
     extra: dict[str, object] = {}
+    expert_extra: set[str] = set()
     for name, sh in unwrap(model).sharded_state_dict().items():
         if isinstance(sh, ShardedObject):
             if ".layers." not in name:
                 raise CheckpointError(f"unexpected non-layer extra state {name}")
             extra[sh.key] = sh.data
+            if expert_index(name) is not None:
+                expert_extra.add(sh.key)
         elif not name.endswith("_extra_state"):
             # Megatron stacks every decoder-layer tensor along a leading layer axis.
             keys[name] = (sh.key, ".layers." in name, tuple(sh.data.shape))
-    return CheckpointNames(keys, extra)
+    return CheckpointNames(keys, extra, frozenset(expert_extra))

@@ -26,7 +26,7 @@ import torch
 
 from megatron_simpo.config import ModelConfig
 from megatron_simpo.convert import keymap
-from megatron_simpo.convert.common import HF_SIDE_FILES, checkpoint_names
+from megatron_simpo.convert.common import HF_SIDE_FILES, checkpoint_names, expert_index
 from megatron_simpo.errors import CheckpointError, ConfigError
 from megatron_simpo.progress import progress
 
@@ -74,7 +74,9 @@ class _Reader:
         self.ckpt = ckpt
         self.meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
 
-    def get(self, key: str, layer: int | None) -> torch.Tensor:
+    def get(self, key: str, layer: int | None, expert: int | None = None) -> torch.Tensor:
+        """The tensor ``key``: one layer of a layer-stacked one, one expert of that layer's
+        expert-stacked one (``[layers, experts, ...]``)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
@@ -86,10 +88,10 @@ class _Reader:
             )
         m = self.meta[key]
         shape = tuple(m.size)
-        if layer is not None:
-            shape = (1, *shape[1:])
+        lead = [] if layer is None else [layer] if expert is None else [layer, expert]
+        shape = (*(1,) * len(lead), *shape[len(lead) :])
         buf = torch.empty(shape, dtype=m.properties.dtype)
-        offsets = torch.Size([layer or 0] + [0] * (len(shape) - 1))
+        offsets = torch.Size(lead + [0] * (len(shape) - len(lead)))
         planner = _slice_planner({key: ChunkStorageMetadata(offsets=offsets, sizes=buf.shape)})
         with warnings.catch_warnings():  # "assuming ... a single process": intended
             warnings.simplefilter("ignore")
@@ -99,7 +101,7 @@ class _Reader:
                 planner=planner,
                 no_dist=True,
             )
-        return buf[0] if layer is not None else buf
+        return buf.reshape(shape[len(lead) :])
 
 
 class _ShardWriter:
@@ -160,7 +162,7 @@ def _hf_tensors(
         if proxy_name not in keys:
             raise CheckpointError(f"no checkpoint key for {mc_name}")
         key, stacked, _ = keys[proxy_name]
-        tensor = reader.get(key, layer if stacked else None)
+        tensor = reader.get(key, layer if stacked else None, expert_index(mc_name))
         if not stacked and layer is not None:
             raise CheckpointError(f"{key}: expected a layer-stacked tensor")
         yield from zip(hf_names, keymap.TRANSFORMS[transform][1](tensor, shapes), strict=True)

@@ -20,7 +20,7 @@ import torch
 
 from megatron_simpo.config import ModelConfig, RunConfig
 from megatron_simpo.convert import keymap
-from megatron_simpo.convert.common import HF_SIDE_FILES, checkpoint_names
+from megatron_simpo.convert.common import HF_SIDE_FILES, checkpoint_names, expert_index
 from megatron_simpo.errors import ConfigError
 from megatron_simpo.progress import Progress
 
@@ -190,12 +190,16 @@ def hf_to_mcore(
             shapes,
         )
         if stacked:
-            layer = int(m.group(1))
-            items[(key, (layer,) + (0,) * probe.dim())] = (
-                (n_layers, *probe.shape),
-                (1, *probe.shape),
+            # [layers, ...], or [layers, experts, ...] for an expert's tensor.
+            e = expert_index(mc_name)
+            lead = (int(m.group(1)),) if e is None else (int(m.group(1)), e)
+            glob = (n_layers,) if e is None else (n_layers, model_cfg.num_experts)
+            ones = (1,) * len(lead)
+            items[(key, lead + (0,) * probe.dim())] = (
+                (*glob, *probe.shape),
+                (*ones, *probe.shape),
                 probe.dtype,
-                lambda produce=produce: produce().unsqueeze(0),
+                lambda produce=produce, shape=(*ones, *probe.shape): produce().reshape(shape),
             )
         else:
             items[(key, (0,) * probe.dim())] = (
@@ -206,13 +210,19 @@ def hf_to_mcore(
             )
     _check_shapes(items, keys)
     # Per-layer module extra state (Megatron ShardedObjects, e.g. of linear layers): stored as
-    # Megatron does, torch.save([data]) under "<key>/shard_<layer>_<layers>".
+    # Megatron does, torch.save([data]) under "<key>/shard_<layer>_<layers>" (an expert's:
+    # "<key>/shard_<layer>.<expert>_<layers>.<experts>").
     objects = {}
     for key, data in names.extra_state.items():
         buf = io.BytesIO()
         torch.save([data], buf)
         for i in range(n_layers):
-            objects[f"{key}/shard_{i}_{n_layers}"] = buf.getvalue()
+            if key in names.expert_extra_state:  # [layers, experts]
+                n_exp = model_cfg.num_experts
+                for e in range(n_exp):
+                    objects[f"{key}/shard_{i}.{e}_{n_layers}.{n_exp}"] = buf.getvalue()
+            else:
+                objects[f"{key}/shard_{i}_{n_layers}"] = buf.getvalue()
 
     tmp = save / "iter_0000000.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -263,7 +273,8 @@ def _check_shapes(items: dict, keys: dict) -> None:
     by_key = {key: (name, shape) for name, (key, _, shape) in keys.items()}
     for (key, _), (_, chunk, _, _) in items.items():
         name, want = by_key[key]
-        got = tuple(chunk[1:]) if ".layers." in name else tuple(chunk)
+        lead = 0 if ".layers." not in name else 1 if expert_index(name) is None else 2
+        got = tuple(chunk[lead:])
         if got != want:
             raise ConfigError(
                 f"{name}: converted shape {got} does not match the model's "

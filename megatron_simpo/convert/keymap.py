@@ -1,8 +1,8 @@
 """Hugging Face <-> Megatron-Core weights: the named transforms, applied through each family's
 key map (data, in its descriptor: ``megatron_simpo/families``).
 
-Megatron names are those of a TP=1, PP=1 ``GPTModel`` built with the local layer spec (module
-``state_dict`` keys, with ``{i}`` the layer). A map entry is
+Megatron names are those of a TP=1, PP=1, EP=1 ``GPTModel`` built with the local layer spec
+(module ``state_dict`` keys, with ``{i}`` the layer and ``{e}`` the expert). A map entry is
 ``(megatron_name, (hf_names...), transform)``; each transform has a forward (HF -> Megatron) and
 an inverse (Megatron -> HF) so the round trip is lossless:
 
@@ -100,7 +100,18 @@ def entries(m: ModelConfig) -> list[tuple[str, list[str], str]]:
             raise ConfigError(
                 f"model.{name}={getattr(m, name)!r} but the {m.model_type} family has {value!r}"
             )
+    if family.moe != (m.num_experts is not None):
+        raise ConfigError(
+            f"model.num_experts={m.num_experts!r} but the {m.model_type} family is "
+            f"{'mixture-of-experts' if family.moe else 'dense'}"
+        )
     global_, layer = family.global_keys, family.layer_keys
+    # Per-expert entries ({e}) expanded over the experts, then everything over the layers.
+    layer = [
+        (mc.replace("{e}", str(e)), tuple(h.replace("{e}", str(e)) for h in hf), t)
+        for mc, hf, t in layer
+        for e in (range(m.num_experts or 0) if "{e}" in mc else (None,))
+    ]
     out = [
         (mc, list(hf), t)
         for mc, hf, t in global_

@@ -10,14 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_simpo.errors import ConfigError
-from megatron_simpo.families import llama, mistral, qwen2, qwen3
+from megatron_simpo.families import llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
 from megatron_simpo.families.base import FamilyDescriptor, KeyEntry, Refusal
 
 __all__ = ["FAMILIES", "REFUSED", "FamilyDescriptor", "KeyEntry", "Refusal", "check_hf_config"]
 
 #: HF ``model_type`` -> descriptor: the families whose checkpoints convert both ways.
 FAMILIES: dict[str, FamilyDescriptor] = {
-    d.model_type: d for d in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY)
+    d.model_type: d
+    for d in (
+        llama.FAMILY,
+        mistral.FAMILY,
+        qwen2.FAMILY,
+        qwen3.FAMILY,
+        mixtral.FAMILY,
+        qwen3_moe.FAMILY,
+    )
 }
 
 #: Known families this trainer refuses: ``model_type`` -> (config field, why).
@@ -27,9 +35,7 @@ REFUSED: dict[str, tuple[str, str]] = {
     "gemma3": ("sliding_window", "interleaved sliding-window attention is not reproduced"),
     "deepseek_v2": ("kv_lora_rank", "multi-head latent attention (MLA) is not supported"),
     "deepseek_v3": ("kv_lora_rank", "multi-head latent attention (MLA) is not supported"),
-    "mixtral": ("num_local_experts", "mixture-of-experts layers are not supported yet"),
-    "qwen2_moe": ("num_experts", "mixture-of-experts layers are not supported yet"),
-    "qwen3_moe": ("num_experts", "mixture-of-experts layers are not supported yet"),
+    "qwen2_moe": ("shared_expert_intermediate_size", "shared experts are not supported yet"),
 }
 
 

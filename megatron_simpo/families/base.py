@@ -59,8 +59,12 @@ COMMON_REFUSALS: tuple[Refusal, ...] = (
     unset("final_logit_softcapping", "final-logit soft-capping is not implemented"),
     unset("kv_lora_rank", "multi-head latent attention (MLA) is not supported"),
     unset("q_lora_rank", "multi-head latent attention (MLA) is not supported"),
-    unset("num_local_experts", "mixture-of-experts layers are not supported yet"),
-    unset("num_experts", "mixture-of-experts layers are not supported yet"),
+)
+
+#: Refused for dense families (an MoE config under a dense ``model_type`` is not one of them).
+DENSE_REFUSALS: tuple[Refusal, ...] = (
+    unset("num_local_experts", "mixture-of-experts fields in a dense family's config"),
+    unset("num_experts", "mixture-of-experts fields in a dense family's config"),
 )
 
 
@@ -78,7 +82,8 @@ class FamilyDescriptor:
     """Key map of the embedding, final norm and output layer (the output layer is skipped
     when the embeddings are tied)."""
     layer_keys: tuple[KeyEntry, ...]
-    """Key map of one decoder layer."""
+    """Key map of one decoder layer; ``{e}`` in a name stands for an expert (expanded over
+    ``ModelConfig.num_experts``)."""
     layer_options: Mapping[str, Any] = field(default_factory=dict)
     """``ModelConfig`` fields this family fixes (``qkv_bias``, ``qk_layernorm``): set at import,
     mapped by ``model.py`` to ``TransformerConfig`` (``add_qkv_bias``, ``qk_layernorm``) and the
@@ -88,8 +93,18 @@ class FamilyDescriptor:
     value), and written so into an exported ``config.json``."""
     renames: Mapping[str, str] = field(default_factory=dict)
     """HF config field -> ``ModelConfig`` field, where the names differ."""
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    """Other spellings of HF config fields that are read (as the ``ModelConfig`` field named)
+    but never written: e.g. transformers 5 saves Qwen3-MoE's ``num_experts`` as
+    ``num_local_experts``."""
     refusals: tuple[Refusal, ...] = ()
     """Family-specific refusals (checked after :data:`COMMON_REFUSALS` and ``hf_fixed``)."""
+    moe: bool = False
+    """Mixture-of-experts layers (Megatron-Core's ``MoELayer``); dense families refuse MoE
+    fields (:data:`DENSE_REFUSALS`)."""
+    moe_fixed: Mapping[str, Any] = field(default_factory=dict)
+    """``ModelConfig`` MoE fields the family fixes (e.g. Mixtral's ``norm_topk_prob=True``):
+    set at import, not written into an exported ``config.json``."""
 
     def options(self) -> dict[str, bool]:
         """Every layer option (:data:`LAYER_OPTIONS`) as this family sets it."""
@@ -100,4 +115,5 @@ class FamilyDescriptor:
             only(k, v, f"{self.model_type} is converted with {k}={v!r} only")
             for k, v in self.hf_fixed.items()
         )
-        return fixed + COMMON_REFUSALS + self.refusals
+        dense = () if self.moe else DENSE_REFUSALS
+        return fixed + COMMON_REFUSALS + dense + self.refusals

@@ -39,6 +39,10 @@ PATCHES: dict[str, str] = {
     "triton and dense models never run them, so inert stand-ins are served. Installed by "
     "`import megatron_simpo` (platform/triton_stand_ins.py), since it must precede any "
     "Megatron-Core import.",
+    "alltoall_split_sizes": "the MoE alltoall token dispatcher hands all_to_all_single its split "
+    "sizes through moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True), which makes numpy "
+    "arrays of CUDA tensors only (token_dispatcher.py, _maybe_dtoh_and_synchronize); the c10d "
+    "binding refuses the CPU tensors left, so CPU tensors become numpy arrays too.",
     "dist_ckpt_results_queue": "dist_checkpointing save starts a multiprocessing.Manager per rank "
     "only to hold a results queue (2-4 s per rank, needs a __main__ guard); an in-process queue "
     "is equivalent for synchronous saves.",
@@ -201,6 +205,26 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def _patch_moe_split_sizes() -> None:
+    """``maybe_move_tensor_to_cpu(t, as_numpy=True)`` returns numpy for CPU tensors as well (see
+    ``PATCHES['alltoall_split_sizes']``), in moe_utils and where the dispatcher imported it."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+    if getattr(original, "_cpu_patched", False):
+        return
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        out = original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+        if as_numpy and torch.is_tensor(out) and out.device.type == "cpu":
+            return out.numpy()
+        return out
+
+    maybe_move_tensor_to_cpu._cpu_patched = True  # type: ignore[attr-defined]
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def activate() -> bool:
     """Installs the CPU patches if CUDA is unavailable. Idempotent.
 
@@ -226,6 +250,7 @@ def activate() -> bool:
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
 
     _patch_rng_tracker()
+    _patch_moe_split_sizes()
     _patch_dist_ckpt_queue()
     _ACTIVE = True
     return True

@@ -68,6 +68,10 @@ def compare(out: Path, ref: str, name: str) -> dict:
         if len(a["eval_losses"]) == len(b["eval_losses"])
         else float("inf"),
         "metrics": max(abs(x[k] - y[k]) for x, y in zip(ha, hb) for k in METRICS),
+        # Mixture of experts: the router's load-balancing loss (absent: 0 on both sides).
+        "aux_loss": max(
+            abs(x.get("moe/aux_loss", 0.0) - y.get("moe/aux_loss", 0.0)) for x, y in zip(ha, hb)
+        ),
         "grad_norm": max(
             abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] for x, y in zip(ha, hb)
         ),

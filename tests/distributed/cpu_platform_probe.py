@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import queue
+import socket
 import subprocess
 import sys
 
@@ -36,11 +37,40 @@ def imports_without_megatron_simpo(module: str) -> bool:
     return out.returncode == 0
 
 
+def alltoall_refuses_tensor_splits() -> bool:
+    """Whether a one-rank gloo ``all_to_all_single`` with tensor split sizes fails."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    splits = torch.tensor([3])
+    return fails(
+        lambda: dist.all_to_all_single(
+            torch.empty(3), torch.ones(3), output_split_sizes=splits, input_split_sizes=splits
+        )
+    )
+
+
+def moe_splits_work() -> bool:
+    """The dispatcher's split sizes, as it gets them, pass a one-rank gloo all_to_all."""
+    import torch.distributed as dist
+    from megatron.core.transformer.moe import token_dispatcher
+
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3]), as_numpy=True)
+    out = torch.empty(3)
+    dist.all_to_all_single(out, torch.ones(3), output_split_sizes=splits, input_split_sizes=splits)
+    return bool((out == 1).all())
+
+
 def main() -> None:
     assert not torch.cuda.is_available(), "this probe is for CPU-only machines"
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer.moe.moe_utils import maybe_move_tensor_to_cpu
 
     get_queue_name = cpu.results_queue_function_name()
     needed = {
@@ -56,6 +86,12 @@ def main() -> None:
         # Needed exactly when the schedules (and, in 0.19, megatron.core itself) cannot be
         # imported here without the stand-ins: 0.18+ on a machine without triton.
         "triton_only_modules": not imports_without_megatron_simpo(SCHEDULES),
+        # What the dispatcher hands all_to_all_single on a CPU: still a tensor (a numpy array on
+        # a GPU), which the c10d binding refuses.
+        "alltoall_split_sizes": torch.is_tensor(
+            maybe_move_tensor_to_cpu(torch.tensor([1]), as_numpy=True)
+        )
+        and alltoall_refuses_tensor_splits(),
         "dist_ckpt_results_queue": "Manager()"
         in inspect.getsource(getattr(filesystem_async, get_queue_name)),
     }
@@ -111,6 +147,7 @@ def main() -> None:
         and torch.cuda.current_stream().wait_stream(torch.cuda.Stream()) is None,
         "rng_tracker": rng_works(),
         "triton_only_modules": triton_stubs_work(),
+        "alltoall_split_sizes": moe_splits_work(),
         "dist_ckpt_results_queue": queue_works(getattr(filesystem_async, get_queue_name)),
     }
     print(json.dumps({k: {"needed": needed[k], "works": works[k]} for k in cpu.PATCHES}))

@@ -30,23 +30,34 @@ from megatron_simpo.cli import checkpoint_model_config  # noqa: E402
 from megatron_simpo.config import RunConfig  # noqa: E402
 from megatron_simpo.model import build_model  # noqa: E402
 
-LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2_pp2": (2, 2)}
+#: name -> (TP, PP, EP, sequence parallel); EP layouts are for mixture-of-experts models (the
+#: dense layers are data-parallel over the EP ranks, each holding the whole batch here).
+LAYOUTS = {
+    "tp1": (1, 1, 1, False),
+    "tp2": (2, 1, 1, False),
+    "pp2": (1, 2, 1, False),
+    "tp2_pp2": (2, 2, 1, False),
+    "tp2_sp": (2, 1, 1, True),
+    "ep2": (1, 1, 2, False),
+    "ep2_pp2": (1, 2, 2, False),
+    "ep2_tp2_etp1": (2, 1, 2, True),
+}
 
 
 def layout_config(ckpt: Path, layout: str) -> RunConfig:
     cfg = RunConfig()
     cfg.model = checkpoint_model_config(str(ckpt))
-    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = LAYOUTS[
-        layout
-    ]
+    p = cfg.parallel
+    tp, p.pipeline_model_parallel_size, p.expert_model_parallel_size, sp = LAYOUTS[layout]
+    p.tensor_model_parallel_size, p.sequence_parallel = tp, sp
+    p.expert_tensor_parallel_size = 1 if sp else None
     cfg.train.precision = "fp32"
     cfg.train.load = str(ckpt)
     return cfg
 
 
 def logits_of(cfg: RunConfig, input_ids: torch.Tensor) -> torch.Tensor | None:
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    parallel.init_model_parallel(tp, pp, None, seed=0)
+    parallel.init_model_parallel_for(cfg)
     model = build_model(cfg)
     checkpointing.load_checkpoint(cfg.train.load, model)
     b, s = input_ids.shape

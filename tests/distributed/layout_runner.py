@@ -29,7 +29,7 @@ parallel.init_distributed()
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron_simpo import batch_loss, checkpointing  # noqa: E402
+from megatron_simpo import batch_loss, checkpointing, moe  # noqa: E402
 from megatron_simpo.batch_loss import reduce_reports  # noqa: E402
 from megatron_simpo.config import RunConfig  # noqa: E402
 from megatron_simpo.data import Subset, _options  # noqa: E402
@@ -60,6 +60,7 @@ def directional_derivative(trainer: Trainer, eps: float = 1e-3) -> dict[str, flo
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.add_(g, alpha=scale / norm)
+        moe.reset_aux_loss()
         reports = run_forward_backward(
             trainer.model,
             micro_batches,
@@ -68,10 +69,13 @@ def directional_derivative(trainer: Trainer, eps: float = 1e-3) -> dict[str, flo
             trainer.cfg.model.vocab_size,
             forward_only=True,
         )
+        # MoE: the objective also holds coeff x the load-balancing loss (megatron_simpo/moe.py).
+        config = trainer.model[0].config
+        aux = moe.aux_loss_metrics(config, len(micro_batches)).get("moe/aux_loss", 0.0)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.sub_(g, alpha=scale / norm)
-        return reduce_reports(reports)["loss"]
+        return reduce_reports(reports)["loss"] + trainer.cfg.train.moe_aux_loss_coeff * aux
 
     slope = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
     return {"grad_l2": norm, "fd_slope": slope}

@@ -74,6 +74,12 @@ ORPO = {"objective": "orpo", "beta": 0.5, "orpo_alpha": 0.7}
 #: Qwen3: per-head QK RMSNorm (its weight's gradient is partial on each TP rank and must be summed
 #: over TP), head_dim 16 != hidden / heads.
 QWEN3 = {"model_type": "qwen3", "qk_layernorm": True, "head_dim": 16}
+#: Mixtral: 4 experts, top-2 (Megatron-Core's MoE layer, alltoall dispatcher), with the router's
+#: load-balancing loss at a weight that moves the gradient (0.1; its gradient path through
+#: every layout, padding masked out of it).
+MIXTRAL = {"model_type": "mixtral", "num_experts": 4, "num_experts_per_tok": 2}
+AUX = {"moe_aux_loss_coeff": 0.1}
+EP2 = {"expert_model_parallel_size": 2}
 PP2 = {"pipeline_model_parallel_size": 2}
 TP2_PP2 = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
 TP2_DP2_SP_DISTOPT = {
@@ -127,6 +133,24 @@ LAYOUTS: dict[str, Layout] = {
     "tp2_sp_qwen3": Layout(
         2, "tp1_qwen3", {"tensor_model_parallel_size": 2, "sequence_parallel": True}, model=QWEN3
     ),
+    # Mixture of experts: experts split over 2 EP ranks (dense layers data-parallel over them);
+    # with TP2 + SP and whole experts (ETP1); with a 2-stage pipeline (the aux loss of stage 1's
+    # layers reaches the same optimizer step).
+    "tp1_mixtral": Layout(1, None, {}, AUX, model=MIXTRAL),
+    "ep2_mixtral": Layout(2, "tp1_mixtral", EP2, AUX, model=MIXTRAL),
+    "ep2_tp2_etp1_mixtral": Layout(
+        4,
+        "tp1_mixtral",
+        {
+            **EP2,
+            "tensor_model_parallel_size": 2,
+            "sequence_parallel": True,
+            "expert_tensor_parallel_size": 1,
+        },
+        AUX,
+        model=MIXTRAL,
+    ),
+    "ep2_pp2_mixtral": Layout(4, "tp1_mixtral", {**EP2, **PP2}, AUX, model=MIXTRAL),
 }
 
 
