@@ -49,6 +49,25 @@ def resolve_attention_backend(requested: str, te_available: bool) -> str:
     return requested
 
 
+def prepare_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """SDPA's boolean mask (True: may attend) of Megatron's (True: may *not* attend).
+
+    A row with nothing allowed (e.g. padding) would give NaN (softmax over no keys), and NaN
+    gradients through the loss mask; such a row attends to every key instead (the local path's
+    -10000 fill also keeps it finite). Its output is never used.
+
+    Every layer gets the same mask tensor of a micro-batch, so the result is kept on it: built
+    once per micro-batch (and per recomputation of it), not once per layer.
+    """
+    cached = getattr(attention_mask, "_sdpa_allowed", None)
+    if cached is not None and cached[0] == attention_mask._version:
+        return cached[1]
+    allowed = ~attention_mask
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    attention_mask._sdpa_allowed = (attention_mask._version, allowed)
+    return allowed
+
+
 class SDPAttention(MegatronModule):
     """Causal (or explicitly masked) softmax attention through SDPA.
 
@@ -128,11 +147,7 @@ class SDPAttention(MegatronModule):
             # The dense reference of TE's THD attention: causal within each cu_seqlens span.
             allowed = thd_allowed(packed_seq_params.cu_seqlens_q, q.shape[2])
         elif attention_mask is not None:
-            allowed = ~attention_mask
-            # A row with nothing allowed (e.g. padding) would give NaN (softmax over no keys),
-            # and NaN gradients through the loss mask; such a row attends to every key instead
-            # (the local path's -10000 fill also keeps it finite). Its output is never used.
-            allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+            allowed = prepare_mask(attention_mask)
         elif mask_type == AttnMaskType.causal and q.shape[2] > 1:
             causal = True
         dropout = self.dropout_p if self.training else 0.0

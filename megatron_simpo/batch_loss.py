@@ -219,7 +219,9 @@ def loss_func(
     log-probs of the targets (vocab-parallel, or the fused head's from hidden states), the
     objective's contributions, ``(loss_sum, num_pairs, report)``."""
     if head is not None:  # --fused-loss-head: output is the final hidden states [s, b, h]
-        token_logps = head.token_logprobs(output, batch["labels"], vocab_size)
+        token_logps = head.token_logprobs(
+            output, batch["labels"], vocab_size, scored=batch.get("scored_index")
+        )
     else:  # output is this rank's logits [b, s, vocab/TP]
         token_logps = vocab_parallel_logprobs(
             output,
@@ -261,15 +263,17 @@ def reduce_reports(reports: list[dict], loss_cfg: LossConfig | None = None) -> d
     without it SCORED_KEYS) over the pairs of positive weight (NaN when there is none), and the
     totals ``pairs``, ``tokens``, ``tokens_effective``."""
     keys = report_keys(loss_cfg)
-    vec = torch.zeros(len(keys), dtype=torch.float64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Summed where the reports are (no host sync per key or micro-batch), in micro-batch order.
+    vec = torch.zeros(len(keys), dtype=torch.float64, device=device)
     for r in reports:
-        vec += torch.stack([r[k].detach().double().cpu() for k in keys])
-    if torch.cuda.is_available():
-        vec = vec.cuda()
-    dist.all_reduce(vec, group=ps.get_data_parallel_group())
-    pp_group = ps.get_pipeline_model_parallel_group()
-    dist.broadcast(vec, src=ps.get_pipeline_model_parallel_last_rank(), group=pp_group)
-    totals = dict(zip(keys, vec.tolist()))
+        vec += torch.stack([r[k].detach().double() for k in keys]).to(device)
+    dp_group, pp_group = ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()
+    if dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(vec, group=dp_group)
+    if dist.get_world_size(pp_group) > 1:
+        dist.broadcast(vec, src=ps.get_pipeline_model_parallel_last_rank(), group=pp_group)
+    totals = dict(zip(keys, vec.tolist()))  # the step's one host sync for its metrics
     return summarize_totals(totals)
 
 

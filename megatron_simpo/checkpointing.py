@@ -7,7 +7,12 @@ Layout of ``--save DIR``::
     DIR/iter_0000100/run_state.json          iteration, consumed pairs, the run's config
 
 A checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed once complete, and only then is
-the tracker updated, so a crash during save leaves the previous checkpoint published.
+the tracker updated, so a crash during save leaves the previous checkpoint published. With
+``--async-save`` the tensors are written by a background process per rank (Megatron-Core's
+``AsyncCallsQueue``) and the rename and tracker update are the request's last finalize step, run
+on every rank once all have written (:class:`AsyncSaves`): a crash before that leaves only the
+``.tmp`` directory. ``--fully-parallel-save`` spreads the writes of replicated shards over the
+data-parallel ranks (``FullyParallelSaveStrategyWrapper``).
 Non-tensor state is kept in JSON; dist_checkpointing's tensor files are read with
 ``torch.load(weights_only=True)``.
 """
@@ -19,6 +24,7 @@ import os
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_simpo import compat
 from megatron_simpo.errors import CheckpointError
 from megatron_simpo.model import sync_params, unwrap
+from megatron_simpo.platform import cpu
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_STATE = "run_state.json"
@@ -125,6 +132,53 @@ def read_run_state(ckpt: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+class AsyncSaves:
+    """Checkpoints still being written in the background (``--async-save``): Megatron-Core's
+    ``AsyncCallsQueue`` of dist_checkpointing requests. Every method is collective (all ranks
+    call it at the same point of the loop)."""
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue()
+        #: The iteration of the newest checkpoint published by this queue (None: none yet).
+        self.published: int | None = None
+
+    @property
+    def pending(self) -> int:
+        """Saves started and not yet published."""
+        return self.queue.get_num_unfinalized_calls()
+
+    def poll(self) -> None:
+        """Publishes the saves every rank has finished writing (one all-reduce per pending
+        save; nothing while none is pending)."""
+        if self.pending:
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def finish(self) -> None:
+        """Waits for every pending save and publishes it (before the next save, the exit, a
+        requeue)."""
+        if self.pending:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+
+
+def save_strategy(fully_parallel: bool):
+    """The ``torch_dist`` save strategy, wrapped to spread replicated shards over the
+    data-parallel group (with context parallelism) when ``fully_parallel`` and it has >1 rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    if fully_parallel and ps.model_parallel_is_initialized():
+        group = ps.get_data_parallel_group(with_context_parallel=True)
+        if dist.get_world_size(group) > 1:
+            strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+    return strategy
+
+
 def save_checkpoint(
     root: str | Path,
     iteration: int,
@@ -134,11 +188,20 @@ def save_checkpoint(
     run_state: dict[str, Any] | None = None,
     keep_last: int | None = None,
     adapter_only: bool = False,
+    *,
+    async_saves: AsyncSaves | None = None,
+    fully_parallel: bool = False,
 ) -> Path:
     """Saves model (and optimizer/scheduler if given) at ``iteration``; collective.
 
     ``adapter_only``: only the LoRA/DoRA tensors (the frozen base stays where ``--load`` has it;
-    its path is recorded as ``lora_base`` in the run state)."""
+    its path is recorded as ``lora_base`` in the run state).
+    With ``async_saves`` the tensors are written in the background and the checkpoint is
+    published by ``async_saves.poll()`` / ``finish()`` (a save still pending from before is
+    finished first); the returned path exists only once it is published.
+    """
+    if async_saves is not None:
+        async_saves.finish()  # one save in flight at a time, published in order
     root = Path(root)
     final = root / f"iter_{iteration:07d}"
     tmp = root / f"iter_{iteration:07d}.tmp"
@@ -158,13 +221,31 @@ def save_checkpoint(
         )
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, tmp)
+    info = dict(run_state or {})
+    info.update(iteration=iteration, has_optimizer=optimizer is not None, adapter_only=adapter_only)
+    publish = partial(_publish, root, tmp, final, iteration, info, keep_last)
+    strategy = save_strategy(fully_parallel)
+    if async_saves is None:
+        dist_checkpointing.save(state, tmp, sharded_strategy=strategy)
+        publish()
+        return final
+    if cpu.is_active():
+        cpu.use_process_results_queue()
+    request = dist_checkpointing.save(
+        state, tmp, sharded_strategy=strategy, async_sharded_save=True, **compat.async_save_kwargs()
+    )
+    request.add_finalize_fn(publish)  # after dist_checkpointing's own (metadata) finalizers
+    request.add_finalize_fn(partial(setattr, async_saves, "published", iteration))
+    async_saves.queue.schedule_async_request(request)
+    return final
+
+
+def _publish(
+    root: Path, tmp: Path, final: Path, iteration: int, info: dict, keep_last: int | None
+) -> None:
+    """Makes the fully written ``tmp`` the published checkpoint of ``iteration``; collective."""
     _barrier()
     if dist.get_rank() == 0:
-        info = dict(run_state or {})
-        info.update(
-            iteration=iteration, has_optimizer=optimizer is not None, adapter_only=adapter_only
-        )
         (tmp / RUN_STATE).write_text(json.dumps(info, indent=1, default=str))
         if final.exists():
             shutil.rmtree(final)
@@ -175,7 +256,6 @@ def save_checkpoint(
         if keep_last is not None:
             _prune(root, keep_last, keep=final)
     _barrier()
-    return final
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:

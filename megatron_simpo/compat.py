@@ -91,6 +91,20 @@ def initialize_model_parallel(**kwargs: Any) -> None:
     parallel_state.initialize_model_parallel(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
+def async_save_kwargs() -> dict[str, Any]:
+    """Extra ``dist_checkpointing.save`` kwargs of an async save: 0.19 defaults to NVIDIA
+    Resiliency Extension's writer (``async_strategy="nvrx"``) and keeps Megatron-Core's own as
+    ``"mcore"``; the latter is used unless ``nvidia_resiliency_ext`` is installed (0.16-0.18
+    have only Megatron-Core's, and no such argument)."""
+    from importlib.util import find_spec
+
+    from megatron.core import dist_checkpointing
+
+    if "async_strategy" not in inspect.signature(dist_checkpointing.save).parameters:
+        return {}
+    return {"async_strategy": "nvrx" if find_spec("nvidia_resiliency_ext") else "mcore"}
+
+
 #: Names megatron-core 0.16's ``transformer/moe/moe_utils.py`` imports from Transformer Engine
 #: only when TE is installed, yet reads unconditionally (``RouterGatingLinearFunction``, line
 #: 1192: ``if te_general_gemm is not None``): without TE every MoE forward dies with a

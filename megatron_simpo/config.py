@@ -429,6 +429,15 @@ class TrainConfig:
     """Stop (after saving, if --save) once the run has lasted this long."""
     keep_last: int | None = None
     """Keep only the newest K checkpoints under --save (None keeps all)."""
+    async_save: bool | None = None
+    """Write checkpoints in a background process (Megatron-Core dist_checkpointing async save)
+    while training goes on; a checkpoint is published (renamed, tracker updated) once every rank
+    has written it, at the latest before the next save or the exit. Default (unset): on with
+    CUDA, off on CPU/gloo (works there, but a fork per save outweighs small saves)."""
+    fully_parallel_save: bool | None = None
+    """Spread the writing of replicated shards over the data-parallel ranks (Megatron-Core's
+    FullyParallelSaveStrategyWrapper) instead of each shard's first replica writing it.
+    Default (unset): on (a no-op at data-parallel size 1)."""
     max_skipped_iters: int = 10
     """Abort after this many consecutive iterations whose loss or gradient norm was not finite
     (each such update is skipped, counted in ``skipped_iters`` and logged)."""

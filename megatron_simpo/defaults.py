@@ -34,6 +34,11 @@ length and the dtype; an explicit value (``--pack-pairs`` / ``--no-pack-pairs``,
   is smaller iff ``12 T > 4 c + 4 h`` (1025 tokens at h 4096; 33 at h 64). The bf16 weight-
   gradient temporaries (``6 v h``) are what keeps the fused head off for shorter micro-batches.
   ``benchmarks/bench_loss_head.py`` measures both (README, "Fused loss head").
+
+* **Checkpoint saving** (with ``--save``): ``--async-save`` defaults on with CUDA (the write
+  overlaps training) and off on CPU/gloo, where it works but the fork per save costs more than
+  the small saves it hides; ``--fully-parallel-save`` defaults on
+  (:func:`resolve_checkpoint_saving`).
 """
 
 from __future__ import annotations
@@ -150,12 +155,42 @@ def _size(n: float) -> str:
     raise AssertionError
 
 
-def resolve(cfg: RunConfig, te_available: bool, dtype_bytes: int) -> tuple[RunConfig, dict]:
+def resolve_checkpoint_saving(
+    async_save: bool | None, fully_parallel_save: bool | None, cuda: bool
+) -> dict[str, tuple[bool, str]]:
+    """``{field: (value, reason)}`` of ``--async-save`` and ``--fully-parallel-save``.
+
+    Async saving forks a writer process per save (Megatron-Core's ``TemporalAsyncCaller``) after
+    copying the state to host memory: on a GPU that hides the write behind training; on CPU
+    (gloo) it works (tests/test_resume.py) but the state is already in host memory and small
+    saves take less than the fork, so it defaults off there. The fully-parallel wrapper only
+    decides which data-parallel replica writes each shard: on everywhere.
+    """
+    if async_save is not None:
+        a = async_save, f"{'--' if async_save else '--no-'}async-save given"
+    elif cuda:
+        a = True, "default on: CUDA (the write overlaps training)"
+    else:
+        a = False, "default off: no CUDA (CPU/gloo saves are synchronous unless --async-save)"
+    if fully_parallel_save is not None:
+        f = (
+            fully_parallel_save,
+            f"{'--' if fully_parallel_save else '--no-'}fully-parallel-save given",
+        )
+    else:
+        f = True, "default on: replicated shards written by all data-parallel ranks"
+    return {"async_save": a, "fully_parallel_save": f}
+
+
+def resolve(
+    cfg: RunConfig, te_available: bool, dtype_bytes: int, cuda: bool = False
+) -> tuple[RunConfig, dict]:
     """A copy of ``cfg`` whose unset defaults are decided, and ``{field: (value, reason)}``.
 
     Args:
         te_available: Transformer Engine importable and CUDA present.
         dtype_bytes: bytes per element of the model dtype (``model.model_dtype``).
+        cuda: a CUDA device is present (checkpoint saving defaults).
     """
     t, m = cfg.train, cfg.model
     out = {
@@ -171,6 +206,8 @@ def resolve(cfg: RunConfig, te_available: bool, dtype_bytes: int) -> tuple[RunCo
         dtype_bytes=dtype_bytes,
         chunk=t.loss_chunk_size,
     )
+    if t.save:
+        out.update(resolve_checkpoint_saving(t.async_save, t.fully_parallel_save, cuda))
     train = dataclasses.replace(t, **{k: v for k, (v, _) in out.items()})
     return dataclasses.replace(cfg, train=train), out
 
@@ -185,7 +222,7 @@ def resolve_for_run(cfg: RunConfig, announce: bool = True) -> RunConfig:
 
     te = have_transformer_engine() and torch.cuda.is_available()
     dtype_bytes = torch.empty((), dtype=model_dtype(cfg)).element_size()
-    resolved, why = resolve(cfg, te, dtype_bytes)
+    resolved, why = resolve(cfg, te, dtype_bytes, cuda=torch.cuda.is_available())
     if announce and (not dist.is_initialized() or dist.get_rank() == 0):
         for name, (value, reason) in why.items():
             print(f"defaults: {name} = {value} ({reason})", flush=True)

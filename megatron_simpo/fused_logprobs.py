@@ -161,19 +161,43 @@ class HiddenStatesGPTModel(GPTModel):
         return self.output_layer.weight
 
     def token_logprobs(
-        self, hidden: torch.Tensor, labels: torch.Tensor, vocab_size: int
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        vocab_size: int,
+        scored: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Target log-probs ``[b, s]`` (fp32) from this stage's output ``hidden`` and ``labels``
-        ``[b, s]``; equal to ``vocab_parallel_logprobs`` of the unfused model's logits."""
+        ``[b, s]``; equal to ``vocab_parallel_logprobs`` of the unfused model's logits.
+
+        ``scored`` (:func:`scored_positions`): only these targets go through the head (the
+        others, prompt and padding, are 0 and get no gradient); the vocabulary matmuls are the
+        costliest of a small model, and a loss mask multiplies the rest by 0 anyway.
+        """
         group = self.pg_collection.tp
         h = hidden_for_head(hidden, self.config.sequence_parallel, group)
         s, b, width = h.shape
+        h, t = h.reshape(s * b, width), labels.t().reshape(s * b)
+        if scored is not None:
+            h, t = h.index_select(0, scored), t.index_select(0, scored)
         logps = fused_vocab_parallel_logprobs(
-            h.reshape(s * b, width),
+            h,
             self.output_weight(),
-            labels.t().reshape(s * b),
+            t,
             vocab_size=vocab_size,
             group=group,
             chunk_size=self.loss_chunk_size,
         )
+        if scored is not None:
+            logps = logps.new_zeros(s * b).index_copy(0, scored, logps)
         return logps.view(s, b).t()
+
+
+def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Indices ``[n]`` (int64) of the scored targets of ``loss_mask`` ``[b, s]`` in the
+    fused head's token order (``[s, b]`` flattened: position-major).
+
+    Computed on the host where the batch is collated: on an accelerator ``nonzero`` would be
+    a host sync.
+    """
+    return loss_mask.t().reshape(-1).nonzero().squeeze(1)

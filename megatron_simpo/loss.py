@@ -115,7 +115,9 @@ def sequence_logps(
     mask = mask.to(dtype)
     total = (token_logps.to(dtype) * mask).sum(-1)
     count = mask.sum(-1)
-    if bool((count == 0).any()):
+    # On an accelerator the check would stall the step (a host sync per micro-batch); the
+    # collators (data/batching.py, data/packing.py) have already refused such pairs on the host.
+    if count.device.type == "cpu" and bool((count == 0).any()):
         raise ValueError(
             "a sequence with zero response tokens reached the SimPO loss (its mean log-prob is "
             "0/0); such pairs must be rejected by data validation (megatron_simpo.data)"

@@ -42,7 +42,7 @@ def throughput_and_memory(
     weights = torch.cat([mb["weights"] for mb in micro_batches])
     real = (lengths > 0) & (weights > 0)
     big = torch.tensor(float("inf"))
-    extremes = torch.stack(
+    local = torch.stack(
         [
             torch.where(real[0], lengths[0], -big).max(),
             torch.where(real[1], lengths[1], -big).max(),
@@ -51,12 +51,18 @@ def throughput_and_memory(
             torch.tensor(peak_memory_gib()),
         ]
     ).double()
-    total = torch.tensor([float(local_flops)], dtype=torch.float64)
+    local = torch.cat([local, torch.tensor([float(local_flops)], dtype=torch.float64)])
+    # One collective for both reductions: every rank's values, then the max over the world
+    # (lengths, memory) and the sum over this rank's data-parallel group (FLOPs: integers, exact
+    # in float64 in any order below 2**53; a metric, never fed back into training).
     if torch.cuda.is_available():
-        extremes, total = extremes.cuda(), total.cuda()
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
-    e = extremes.tolist()
+        local = local.cuda()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    every = torch.stack(gathered).cpu()  # [world, 6]
+    dp_ranks = dist.get_process_group_ranks(ps.get_data_parallel_group())
+    e = every[:, :5].max(dim=0).values.tolist()
+    total = every[dp_ranks, 5].sum()
     out = {
         "length/chosen_max": e[0],
         "length/rejected_max": e[1],

@@ -24,7 +24,7 @@ from megatron_simpo.data.packing import (
     per_sequence_rope,
 )
 from megatron_simpo.flex_attention import block_mask_from
-from megatron_simpo.fused_logprobs import HiddenStatesGPTModel
+from megatron_simpo.fused_logprobs import HiddenStatesGPTModel, scored_positions
 from megatron_simpo.model import model_device, unwrap
 
 
@@ -37,11 +37,12 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
         batch = next(data_iterator)
         core = unwrap(model)
+        head = core if isinstance(core, HiddenStatesGPTModel) else None
         if "segment_ids" in batch and thd_packed(model):
             # Transformer Engine: the rows as one stream of THD sequences (packed_seq.py),
             # cu_seqlens from the host batch.
             batch, params = packed_seq.thd_batch(batch)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = _to_device(_with_scored_index(batch, core, head), device)
             params = packed_seq.to_device(params, device)
             output = model(
                 batch["tokens"],
@@ -50,9 +51,8 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
                 packed_seq_params=params,
                 **_moe_kwargs(batch, core),
             )
-            head = core if isinstance(core, HiddenStatesGPTModel) else None
             return output, partial(batch_loss.loss_func, loss_cfg, vocab_size, batch, head=head)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = _to_device(_with_scored_index(batch, core, head), device)
         moe_kwargs = _moe_kwargs(batch, core)
         if "segment_ids" in batch:  # packed rows: block-diagonal mask, per-sequence RoPE
             if id(model) not in checked:
@@ -65,7 +65,6 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
                 output = model(batch["tokens"], batch["position_ids"], mask, **moe_kwargs)
         else:
             output = model(batch["tokens"], batch["position_ids"], None, **moe_kwargs)
-        head = core if isinstance(core, HiddenStatesGPTModel) else None
         return output, partial(batch_loss.loss_func, loss_cfg, vocab_size, batch, head=head)
 
     return forward_step
@@ -85,6 +84,18 @@ def packed_format(model) -> str:
 def thd_packed(model) -> bool:
     """Whether ``model`` takes packed rows as THD sequences (Transformer Engine)."""
     return packed_format(model) == "thd"
+
+
+def _with_scored_index(batch: dict, core, head) -> dict:
+    """The batch plus ``scored_index`` (``fused_logprobs.scored_positions``) for the fused head
+    on the last stage, computed on the host before the transfer (no device sync)."""
+    if head is None or not core.post_process:
+        return batch
+    return {**batch, "scored_index": scored_positions(batch["loss_mask"])}
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def run_forward_backward(

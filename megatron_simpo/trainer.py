@@ -100,11 +100,14 @@ class Trainer:
         self.skips = run_control.SkipCounter(cfg.train.max_skipped_iters)
         self._phase = "during setup"
         self.lora_base: str | None = None
+        self.async_saves: checkpointing.AsyncSaves | None = None
 
     def setup(self) -> None:
         self.cfg.validate(world_size=dist.get_world_size())
         # Unset --pack-pairs / --prefix-sharing / --fused-loss-head decided (and logged) here.
         cfg = self.cfg = defaults.resolve_for_run(self.cfg)
+        if cfg.train.save and cfg.train.async_save:
+            self.async_saves = checkpointing.AsyncSaves()
         p = cfg.parallel
         parallel.init_model_parallel_for(cfg)
         # Read (and validate) the data before building anything expensive.
@@ -237,6 +240,8 @@ class Trainer:
             },
             keep_last=self.cfg.train.keep_last,
             adapter_only=self.lora_base is not None,
+            async_saves=self.async_saves,
+            fully_parallel=bool(self.cfg.train.fully_parallel_save),
         )
 
     def train(self) -> list[dict[str, float]]:
@@ -248,12 +253,14 @@ class Trainer:
         drift = DriftMonitor.from_config(cfg.logging)
         history = []
         start = time.time()
-        saved_at = self.iteration
+        saved_at = first = self.iteration
         try:
             while self.iteration < t.train_iters:
                 self._phase = f"in iteration {self.iteration + 1}"
                 metrics = self.step()
                 history.append(metrics)
+                if self.async_saves is not None:  # publish a background save once written
+                    self.async_saves.poll()
                 it = self.iteration
                 ev = cfg.logging.eval_interval
                 if self.eval_pairs is not None and ev and (it % ev == 0 or it == t.train_iters):
@@ -289,9 +296,14 @@ class Trainer:
                 self._phase = f"while saving the checkpoint of iteration {self.iteration}"
                 self.save()
                 saved_at = self.iteration
+            if self.async_saves is not None:  # nothing written is left unpublished at exit
+                self._phase = "while finishing the background checkpoint writes"
+                self.async_saves.finish()
         except (dist.DistBackendError, dist.DistError, RuntimeError) as e:
             if isinstance(e, TrainingError) or not run_control.is_communication_failure(e):
                 raise
+            if self.async_saves is not None and self.async_saves.pending:  # not published
+                saved_at = self.async_saves.published or first
             raise run_control.collective_failure(
                 e, self._phase, time.time() - start, t.save, saved_at
             ) from e

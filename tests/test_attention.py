@@ -152,3 +152,21 @@ def test_resolve_attention_backend():
         resolve_attention_backend("te", te_available=False)
     with pytest.raises(ConfigError, match="--attention-backend must be one of"):
         resolve_attention_backend("flash", te_available=False)
+
+
+def test_sdpa_mask_is_prepared_once_per_mask_tensor():
+    """The SDPA form of a micro-batch's mask is built once and reused by every layer; an
+    in-place change of the mask (a new version) rebuilds it. Empty rows attend everywhere."""
+    from megatron_simpo.attention import prepare_mask
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(2, 1, 6, 6, generator=g) > 0.5  # True: may not attend
+    mask[0, 0, 3] = True  # a row with nothing allowed
+    allowed = prepare_mask(mask)
+    expected = ~mask
+    expected[0, 0, 3] = True
+    assert torch.equal(allowed, expected)
+    assert prepare_mask(mask) is allowed  # cached on the tensor: the next layer's call
+    mask[1, 0, 0, 0] = ~mask[1, 0, 0, 0]
+    again = prepare_mask(mask)
+    assert again is not allowed and again[1, 0, 0, 0] == ~allowed[1, 0, 0, 0]

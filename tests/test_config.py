@@ -445,3 +445,22 @@ def test_resolution_leaves_the_given_config_alone():
     out, why = resolve(cfg, False, 4)
     assert cfg.train.pack_pairs is None and out.train.pack_pairs is True
     assert set(why) == set(FAST) and all(isinstance(r, str) and r for _, r in why.values())
+
+
+def test_checkpoint_save_defaults():
+    """With --save: --async-save on with CUDA only, --fully-parallel-save on; flags win; without
+    --save neither is decided (nothing is saved)."""
+    from megatron_simpo.defaults import resolve
+
+    def saving(argv, cuda):
+        cfg = parse(["--data-path", "x.jsonl", "--save", "ck", *argv])
+        out, why = resolve(cfg, False, 4, cuda=cuda)
+        return (out.train.async_save, out.train.fully_parallel_save), why
+
+    assert saving([], cuda=True)[0] == (True, True)
+    (value, why) = saving([], cuda=False)
+    assert value == (False, True) and "no CUDA" in why["async_save"][1]
+    assert saving(["--async-save", "--no-fully-parallel-save"], cuda=False)[0] == (True, False)
+    assert saving(["--no-async-save"], cuda=True)[0] == (False, True)
+    out, why = resolve(parse(["--data-path", "x.jsonl"]), False, 4, cuda=True)
+    assert out.train.async_save is None and "async_save" not in why

@@ -135,3 +135,24 @@ def test_rank_killed_during_save_keeps_previous_checkpoint(tmp_path):
     assert "use a new --save directory" in other.stderr and "Traceback" not in other.stderr
     other = run_cli("train", *TINY, "--load", str(save), "--hidden-size", "32")
     assert other.returncode == 2 and "hidden_size: checkpoint 64 vs given 32" in other.stderr
+
+
+def test_rank_killed_during_async_save_keeps_previous_checkpoint(tmp_path):
+    """``--async-save``: a rank dies between starting the background write of iteration 4 and
+    its publication; iteration 2 stays the published checkpoint and the same command resumes."""
+    save = tmp_path / "ckpt"
+    train = ["train", *TINY, "--train-iters", "6", "--save", str(save), "--save-interval", "2"]
+    train += ["--async-save"]
+    fault = ["tests/distributed/fault_runner.py", "kill-in-async-save", "1", "2", "--"]
+    r = torchrun(2, [*fault, *train])
+    assert r.returncode != 0
+    assert "a collective failed" in r.stderr and "checkpoint of iteration 2" in r.stderr, r.stderr[
+        -3000:
+    ]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert not (save / "iter_0000004").exists()  # started, never published
+    r = torchrun(2, ["-m", "megatron_simpo", *train])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stdout and "(iteration 2)" in r.stdout and "iter 3/6" in r.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    assert not list(save.glob("*.tmp"))

@@ -166,3 +166,16 @@ def _e2e_worker(rank, world):
 
 def test_fused_train_step_matches_unfused():
     run_gloo(2, _e2e_worker)
+
+
+def test_scored_positions_follow_the_heads_token_order():
+    """The fused head flattens ``[s, b]`` position-major; ``scored_positions`` indexes the
+    scored targets of a ``[b, s]`` loss mask in that order."""
+    from megatron_simpo.fused_logprobs import scored_positions
+
+    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.float32)
+    idx = scored_positions(mask)
+    assert idx.dtype == torch.int64
+    assert idx.tolist() == [1, 2, 4, 7]  # (s=0,b=1), (s=1,b=0), (s=2,b=0), (s=3,b=1)
+    values = torch.arange(8.0).view(2, 4)  # [b, s]
+    assert values.t().reshape(-1)[idx].tolist() == [4.0, 1.0, 2.0, 7.0]

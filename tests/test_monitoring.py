@@ -536,3 +536,44 @@ def test_mfu_of_llama3_8b_against_a_float64_hand_computation():
     got = pairs_training_flops(m, [int(q + c)], [int(q + r)], [int(q)])
     assert got == pytest.approx(want, rel=1e-12)  # integers vs float64: exact up to rounding
     assert mfu(got, 12.0, 8, 989.0) == pytest.approx(want / 12.0 / 8 / 989e12, rel=1e-12)
+
+
+def _throughput_worker(rank, world):
+    from megatron_simpo import parallel
+    from megatron_simpo.report import throughput_and_memory
+
+    parallel.init_distributed()
+    model = FLOP_MODELS["gqa_untied"]
+    # Rank r's pairs: response lengths differ per rank, so each extreme comes from one rank.
+    pairs = {
+        r: [Pair(tuple(range(3, 8 + r)), (5,) * (2 + 3 * r), (6,) * (4 - r)) for _ in range(2)]
+        for r in range(world)
+    }
+    local = {
+        r: collate_packed(p, capacity=32, prefix_sharing=True, pack=True) for r, p in pairs.items()
+    }
+    flops_of = {
+        r: pairs_training_flops(
+            model,
+            (mb["seq_tokens"][:2] - 1).tolist(),
+            (mb["seq_tokens"][2:] - 1).tolist(),
+            mb["shared_prefix"].tolist(),
+        )
+        for r, mb in local.items()
+    }
+    for tp in (1, 2):  # DP2: FLOPs summed over both ranks; TP2 (DP1): this rank's only
+        parallel.init_model_parallel(tp, 1, None, seed=0)
+        out = throughput_and_memory(model, [local[rank]], 2.0, None)
+        expected = sum(flops_of.values()) if tp == 1 else flops_of[rank]
+        assert out["model_flops"] == expected, (tp, out["model_flops"], expected)
+        # Lengths: the worst over the world, whatever the layout.
+        assert out["length/chosen_max"] == 5 and out["length/chosen_min"] == 2
+        assert out["length/rejected_max"] == 4 and out["length/rejected_min"] == 3
+        assert out["memory/peak_gib"] > 0
+        parallel.destroy_model_parallel()
+
+
+def test_throughput_reductions_at_dp2_and_tp2():
+    """One gather serves both reductions of ``throughput_and_memory``: FLOPs summed over the
+    data-parallel group only, lengths and memory maxed over the world."""
+    run_gloo(2, _throughput_worker)

@@ -140,3 +140,37 @@ def test_resume_at_another_layout_with_the_distributed_optimizer(tmp_path):
     # all) and Adam's moments, a whole update's worth of change in these losses.
     for i in (4, 5, 6):
         assert abs(a[i] - b[i]) < 1e-4, (i, a[i], b[i])
+
+
+def test_async_fully_parallel_save_resumes_like_a_sync_save(tmp_path):
+    """``--async-save --fully-parallel-save`` at DP2 on gloo: the checkpoints hold exactly the
+    tensors of synchronous ones, and the run resumed from them continues bit-identically."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    def everything(ckpt):  # every saved entry, unsharded, without a process group
+        dcp_to_torch_save(ckpt, tmp_path / "plain.pt")
+        return torch.load(tmp_path / "plain.pt", weights_only=False)
+
+    common = [*BASE, "--save-interval", "2", "--log-interval", "1"]
+    s, a = tmp_path / "sync", tmp_path / "async"
+    sync = [*common, "--save", str(s), "--no-async-save", "--no-fully-parallel-save"]
+    r = torchrun(2, [*sync, "--tensorboard-dir", str(tmp_path / "tb_s")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    fast = [*common, "--save", str(a), "--async-save", "--fully-parallel-save"]
+    fast += ["--tensorboard-dir", str(tmp_path / "tb_a")]
+    r = torchrun(2, [*fast, "--exit-interval", "4"])  # saves at 2 (in the background) and 4
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "async_save = True (--async-save given)" in r.stdout
+    assert (a / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert not list(a.glob("*.tmp"))  # every background write was published at exit
+    r = torchrun(2, fast)  # the same command, as a requeued job: resumes from 4
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stdout and "(iteration 4)" in r.stdout
+    for it in (2, 4, 6):
+        want, got = (everything(d / f"iter_{it:07d}") for d in (s, a))
+        assert want.keys() == got.keys() and len(want) > 10
+        for k, v in want.items():
+            assert torch.equal(v, got[k]) if torch.is_tensor(v) else v == got[k], (it, k)
+    ls, la = losses(tmp_path / "tb_s"), losses(tmp_path / "tb_a")
+    assert sorted(la) == list(range(1, 7)) and [ls[i] for i in la] == [la[i] for i in la]

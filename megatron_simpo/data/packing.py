@@ -148,6 +148,9 @@ def row_width(rows: list[list[_Segment]]) -> int:
     return max(sum(map(len, r)) for r in rows)
 
 
+_PACKED_KEYS = ("tokens", "labels", "position_ids", "segment_ids", "branch_ids", "seq_index")
+
+
 def collate_packed(
     pairs: Sequence,
     *,
@@ -183,32 +186,29 @@ def collate_packed(
     s = max(row_width(rows), width or 0)
     s = -(-s // pad_multiple) * pad_multiple
     n = max(len(rows), num_rows or 0)
-    out = {
-        k: torch.full((n, s), fill, dtype=torch.long)
-        for k, fill in (
-            ("tokens", pad_id),
-            ("labels", pad_id),
-            ("position_ids", 0),
-            ("segment_ids", 0),
-            ("branch_ids", SHARED),
-            ("seq_index", -1),
-        )
-    }
-    for r, row in enumerate(rows):
+    # Built as flat Python lists, one tensor per key: a torch call per segment and key costs
+    # more than the list work on the host.
+    cols: dict[str, list[int]] = {k: [] for k in _PACKED_KEYS}
+    for r in range(n):
+        row = rows[r] if r < len(rows) else []
         col = 0
         for seg_no, seg in enumerate(row, start=1):
-            sl = slice(col, col + len(seg))
-            out["tokens"][r, sl] = torch.tensor(seg.tokens)
-            out["labels"][r, sl] = torch.tensor(seg.labels)
-            out["position_ids"][r, sl] = torch.tensor(seg.positions)
-            out["segment_ids"][r, sl] = seg_no
-            out["branch_ids"][r, sl] = torch.tensor(seg.branches)
-            out["seq_index"][r, sl] = torch.tensor(seg.seq_index)
+            cols["tokens"] += seg.tokens
+            cols["labels"] += seg.labels
+            cols["position_ids"] += seg.positions
+            cols["segment_ids"] += [seg_no] * len(seg)
+            cols["branch_ids"] += seg.branches
+            cols["seq_index"] += seg.seq_index
             col += len(seg)
         # Padding: its own causal block, positions counting from 0 (never scored).
-        out["position_ids"][r, col:] = torch.arange(s - col)
-    for r in range(len(rows), n):
-        out["position_ids"][r] = torch.arange(s)
+        pad = s - col
+        cols["tokens"] += [pad_id] * pad
+        cols["labels"] += [pad_id] * pad
+        cols["position_ids"] += range(pad)
+        cols["segment_ids"] += [0] * pad
+        cols["branch_ids"] += [SHARED] * pad
+        cols["seq_index"] += [-1] * pad
+    out = {k: torch.tensor(v, dtype=torch.long).view(n, s) for k, v in cols.items()}
     out["loss_mask"] = (out["seq_index"] >= 0).float()
     b = len(pairs)
     counts = torch.bincount(out["seq_index"][out["seq_index"] >= 0], minlength=2 * b)
@@ -266,7 +266,9 @@ def packed_sequence_logps(
     vals = token_logps.to(dtype).flatten() * mask
     total = torch.zeros(num_seqs, dtype=dtype, device=vals.device).index_add(0, idx, vals)
     count = torch.zeros(num_seqs, dtype=dtype, device=vals.device).index_add(0, idx, mask)
-    if bool((count == 0).any()):
+    # On an accelerator the check would stall the step (a host sync per micro-batch);
+    # collate_packed has already refused such pairs on the host.
+    if count.device.type == "cpu" and bool((count == 0).any()):
         raise ValueError(
             "a sequence with zero response tokens reached the SimPO loss; such pairs must be "
             "rejected by data validation (megatron_simpo.data)"

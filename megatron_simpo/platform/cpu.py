@@ -171,6 +171,40 @@ def _patch_dist_ckpt_queue() -> None:
     setattr(filesystem_async, results_queue_function_name(), get_queue)
 
 
+def use_process_results_queue() -> None:
+    """Makes dist_checkpointing's results queue one that a forked process can put into: an
+    async save (``--async-save``) writes from a child process, whose puts into the in-process
+    queue of ``dist_ckpt_results_queue`` would never reach the trainer. A fork-context
+    ``Manager`` queue (~0.1 s to start, once per process; no ``__main__`` guard needed, unlike
+    the default spawn context) takes results of any size without blocking the writer; its
+    server process dies with the trainer (``PR_SET_PDEATHSIG`` on Linux), so a killed rank
+    leaves no process behind."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if isinstance(filesystem_async._results_queue, queue.Queue | None):
+        manager = SyncManager(ctx=mp.get_context("fork"))
+        manager.start(initializer=_die_with_parent)
+        filesystem_async._results_queue = manager.Queue()
+        _MANAGERS.append(manager)  # alive as long as this process
+
+
+_MANAGERS: list = []
+
+
+def _die_with_parent() -> None:
+    """In a child process: be killed when the parent dies (Linux ``prctl``; else a no-op)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def _patch_moe_split_sizes() -> None:
     """``maybe_move_tensor_to_cpu(t, as_numpy=True)`` returns numpy for CPU tensors as well (see
     ``PATCHES['alltoall_split_sizes']``), in moe_utils and where the dispatcher imported it."""

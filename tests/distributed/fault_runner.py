@@ -5,6 +5,8 @@
 FAULT ``kill-in-step``: rank RANK SIGKILLs itself inside the forward-backward of its N-th step.
 FAULT ``kill-in-save``: rank RANK SIGKILLs itself during its N-th checkpoint save, after writing
 its share of the files and before the save is published.
+FAULT ``kill-in-async-save``: rank RANK SIGKILLs itself right after starting its N-th background
+save (``--async-save``: the writer process is forked, nothing is published yet).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ if __name__ == "__main__":
         _kill_on_call(step, "run_forward_backward", rank, nth, before=True)
     elif fault == "kill-in-save":
         _kill_on_call(checkpointing.dist_checkpointing, "save", rank, nth, before=False)
+    elif fault == "kill-in-async-save":
+        from megatron.core.dist_checkpointing.strategies import async_utils
+
+        _kill_on_call(async_utils.AsyncCallsQueue, "schedule_async_request", rank, nth, False)
     else:
         raise SystemExit(f"unknown fault {fault}")
     raise SystemExit(main(argv))
