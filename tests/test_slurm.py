@@ -316,6 +316,7 @@ def _srun_calls(calls: Path) -> list[tuple[bool, list[str]]]:
 
 def _run_script(tmp_path: Path, script: str, env: dict[str, str], container: bool):
     bin_dir, calls = _fake_cluster(tmp_path)
+    env_overrides = env
     env = {
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
@@ -327,6 +328,11 @@ def _run_script(tmp_path: Path, script: str, env: dict[str, str], container: boo
         **env,
     }
     env.pop("FAKE_VENV_ACTIVE", None)
+    # An in-process Megatron test earlier in the session may have left these in os.environ
+    # (parallel.py sets MASTER_PORT for single-process runs): the scripts' defaults are checked.
+    for leaked in ("MASTER_ADDR", "MASTER_PORT"):
+        if leaked not in env_overrides:
+            env.pop(leaked, None)
     if container:
         env["CONTAINER_IMAGE"] = IMAGE
     else:
