@@ -314,6 +314,32 @@ def _srun_calls(calls: Path) -> list[tuple[bool, list[str]]]:
     return out
 
 
+def _job_inputs(
+    tmp_path: Path, model: object, nodes: int, nodelist: str
+) -> tuple[Path, Path, dict[str, str]]:
+    """What a GPU script is given: an imported checkpoint as far as the config is concerned (the
+    ``model``'s ModelConfig in its run state), an HF directory (``tmp_path/hf``), empty pairs,
+    and the job's environment. Returns (checkpoint, hf dir, env)."""
+    from dataclasses import asdict
+
+    init = tmp_path / "init"
+    (init / "iter_0000000").mkdir(parents=True)
+    (init / "latest_checkpointed_iteration.txt").write_text("0")
+    run_state = {"config": {"model": asdict(model)}}
+    (init / "iter_0000000" / "run_state.json").write_text(json.dumps(run_state))
+    hf = tmp_path / "hf"
+    hf.mkdir(exist_ok=True)
+    (tmp_path / "pairs.jsonl").write_text("")
+    env = {
+        "HF_MODEL": str(hf),
+        "INIT_CKPT": str(init),
+        "DATA": str(tmp_path / "pairs.jsonl"),
+        "SLURM_NNODES": str(nodes),
+        "SLURM_JOB_NODELIST": nodelist,
+    }
+    return init, hf, env
+
+
 def _run_script(tmp_path: Path, script: str, env: dict[str, str], container: bool):
     bin_dir, calls = _fake_cluster(tmp_path)
     env_overrides = env
@@ -379,7 +405,6 @@ def test_gpu_scripts_give_a_valid_run(tmp_path, script, preset, nodes, layout, c
     parses and validates at their world size with the real model config, in the documented
     TP x PP x DP layout, on the prepared data with the same truncation; rendezvous on the first
     node; every step in the chosen environment."""
-    from dataclasses import asdict
 
     from megatron_simpo.cli import build_parser, config_from_args
     from megatron_simpo.plan import load_model
@@ -387,21 +412,7 @@ def test_gpu_scripts_give_a_valid_run(tmp_path, script, preset, nodes, layout, c
     text = (REPO / "slurm" / script).read_text()
     assert "#SBATCH --signal=USR1@300" in text and "#SBATCH --requeue" in text
     assert f"#SBATCH --nodes={nodes}" in text
-    init = tmp_path / "init"  # an imported checkpoint as far as the config is concerned
-    (init / "iter_0000000").mkdir(parents=True)
-    (init / "latest_checkpointed_iteration.txt").write_text("0")
-    run_state = {"config": {"model": asdict(load_model(preset))}}
-    (init / "iter_0000000" / "run_state.json").write_text(json.dumps(run_state))
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (tmp_path / "pairs.jsonl").write_text("")
-    env = {
-        "HF_MODEL": str(hf),
-        "INIT_CKPT": str(init),
-        "DATA": str(tmp_path / "pairs.jsonl"),
-        "SLURM_NNODES": str(nodes),
-        "SLURM_JOB_NODELIST": f"gpu[1-{nodes}]",
-    }
+    init, hf, env = _job_inputs(tmp_path, load_model(preset), nodes, f"gpu[1-{nodes}]")
     steps, _ = _run_script(tmp_path, script, env, container)
     _check_step_environment(steps, container, [REPO, tmp_path / "run", hf, init, tmp_path])
     # The import is skipped (INIT_CKPT holds a checkpoint): prepare, then train.
@@ -554,26 +565,11 @@ def test_dpo_script_scores_the_reference_then_trains(tmp_path, container):
     score-reference step of the reference checkpoint over the prepared directory, then
     ``train --loss dpo`` on that directory; both commands parse and validate at the job's world
     size, at the same precision, each with its own rendezvous port."""
-    from dataclasses import asdict
 
     from megatron_simpo.cli import build_parser, config_from_args
     from megatron_simpo.plan import load_model
 
-    init = tmp_path / "init"
-    (init / "iter_0000000").mkdir(parents=True)
-    (init / "latest_checkpointed_iteration.txt").write_text("0")
-    run_state = {"config": {"model": asdict(load_model("llama3-8b"))}}
-    (init / "iter_0000000" / "run_state.json").write_text(json.dumps(run_state))
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (tmp_path / "pairs.jsonl").write_text("")
-    env = {
-        "HF_MODEL": str(hf),
-        "INIT_CKPT": str(init),
-        "DATA": str(tmp_path / "pairs.jsonl"),
-        "SLURM_NNODES": "1",
-        "SLURM_JOB_NODELIST": "gpu1",
-    }
+    init, hf, env = _job_inputs(tmp_path, load_model("llama3-8b"), 1, "gpu1")
     steps, _ = _run_script(tmp_path, "dpo_llama3_8b.sbatch", env, container)
     _check_step_environment(steps, container, [REPO, tmp_path / "run", hf, init, tmp_path])
     (_, prep_argv), (_, score_argv), (_, train_argv) = steps
@@ -636,7 +632,6 @@ def test_moe_script_gives_a_valid_ep8_run(tmp_path):
     """slurm/simpo_qwen3_30b_a3b.sbatch, run by bash with stand-ins for srun/scontrol: a training
     command that validates at 8 ranks with Qwen3-30B-A3B's config in the documented EP8 TP1
     layout (dense layers DP8), with the router aux loss at Qwen3-MoE's coefficient."""
-    from dataclasses import asdict
 
     from megatron_simpo.cli import build_parser, config_from_args
     from megatron_simpo.config import ModelConfig
@@ -646,19 +641,7 @@ def test_moe_script_gives_a_valid_ep8_run(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
     model = ModelConfig.from_hf_config(tmp_path / "hf")
-    init = tmp_path / "init"
-    (init / "iter_0000000").mkdir(parents=True)
-    (init / "latest_checkpointed_iteration.txt").write_text("0")
-    run_state = {"config": {"model": asdict(model)}}
-    (init / "iter_0000000" / "run_state.json").write_text(json.dumps(run_state))
-    (tmp_path / "pairs.jsonl").write_text("")
-    env = {
-        "HF_MODEL": str(tmp_path / "hf"),
-        "INIT_CKPT": str(init),
-        "DATA": str(tmp_path / "pairs.jsonl"),
-        "SLURM_NNODES": "1",
-        "SLURM_JOB_NODELIST": "gpu1",
-    }
+    _, _, env = _job_inputs(tmp_path, model, 1, "gpu1")
     steps, _ = _run_script(tmp_path, "simpo_qwen3_30b_a3b.sbatch", env, container=False)
     (_, _), (_, argv) = steps
     launch, train = argv[: argv.index("megatron_simpo")], argv[argv.index("megatron_simpo") + 1 :]
