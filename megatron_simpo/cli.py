@@ -270,15 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             from megatron_simpo.data.prepare import PrepareOptions, prepare
 
-            opts = PrepareOptions(
-                schema=args.data_schema,
-                max_length=args.max_length,
-                max_prompt_length=args.max_prompt_length,
-                truncation_mode=args.truncation_mode,
-                truncation_rule=args.truncation_rule,
-                skip_invalid=args.skip_invalid,
-                keep_ties=args.keep_ties,
-                vocab_size=args.vocab_size,
+            opts = PrepareOptions.from_flags(
+                args, max_length=args.max_length, vocab_size=args.vocab_size
             )
             prepare(
                 args.data_path,

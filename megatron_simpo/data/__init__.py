@@ -222,16 +222,8 @@ def _default_tokenizer(cfg) -> str | None:
 
 def _options(cfg) -> PrepareOptions:
     d = cfg.data
-    return PrepareOptions(
-        schema=d.data_schema,
-        max_length=d.max_length if d.max_length is not None else cfg.train.seq_length,
-        max_prompt_length=d.max_prompt_length,
-        truncation_mode=d.truncation_mode,
-        truncation_rule=d.truncation_rule,
-        skip_invalid=d.skip_invalid,
-        keep_ties=d.keep_ties,
-        vocab_size=cfg.model.vocab_size,
-    )
+    max_length = d.max_length if d.max_length is not None else cfg.train.seq_length
+    return PrepareOptions.from_flags(d, max_length=max_length, vocab_size=cfg.model.vocab_size)
 
 
 def _rank() -> int:
