@@ -21,12 +21,12 @@ from synthetic import long_tailed_pairs
 def add_job_args(
     ap: argparse.ArgumentParser,
     *,
-    seq_length: int,
-    global_batch_size: int,
-    micro_batch_size: int,
-    hidden: int,
-    layers: int,
-    vocab: int,
+    seq_length: int = 256,
+    global_batch_size: int = 8,
+    micro_batch_size: int = 4,
+    hidden: int = 512,
+    layers: int = 8,
+    vocab: int = 8192,
     steps: int = 3,
     json_help: str = "also write the results here",
 ) -> None:

@@ -19,17 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from _common import (
-    add_job_args,
-    add_variant_args,
-    fp32_train,
-    job_summary,
-    print_result,
-    run_variants,
-    timed_steps,
-    tiny_llama,
-    write_pairs,
-)
+import _common as common
 
 VARIANTS = ("full", "lora", "dora")
 
@@ -40,11 +30,11 @@ def run_config(args, data: Path, variant: str):
     lora = {} if variant == "full" else {"lora_rank": args.rank, "dora": variant == "dora"}
     return RunConfig.from_dict(
         {
-            "model": tiny_llama(args),
+            "model": common.tiny_llama(args),
             "optim": {"lr": 1e-5},
             "lora": lora,
             "data": {"data_path": str(data), "data_schema": "pretokenized"},
-            "train": fp32_train(args),
+            "train": common.fp32_train(args),
         }
     )
 
@@ -67,7 +57,7 @@ def child(args) -> dict:
         "params": sum(p.numel() for p in params),
         "trainable": sum(p.numel() for p in params if p.requires_grad),
     }
-    out.update(timed_steps(lambda _: trainer.step()["loss"], args.steps))
+    out.update(common.timed_steps(lambda _: trainer.step()["loss"], args.steps))
     out.update(peak_gib=peak_memory_gib(), threads=torch.get_num_threads())
     parallel.destroy_model_parallel()
     return out
@@ -75,33 +65,25 @@ def child(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_job_args(
-        ap,
-        seq_length=256,
-        global_batch_size=8,
-        micro_batch_size=4,
-        hidden=512,
-        layers=8,
-        vocab=8192,
-    )
+    common.add_job_args(ap)
     ap.add_argument("--rank", type=int, default=16)
-    add_variant_args(ap)
+    common.add_variant_args(ap)
     args = ap.parse_args()
     if args.variant:
-        print_result(child(args))
+        common.print_result(child(args))
         return
     work = Path(tempfile.mkdtemp(prefix="bench_lora_"))
-    write_pairs(
+    common.write_pairs(
         work / "pairs.jsonl",
         args.global_batch_size * (args.steps + 1),
         args.seq_length,
         args.vocab,
         args.seed,
     )
-    results = run_variants(__file__, args, VARIANTS, work)
+    results = common.run_variants(__file__, args, VARIANTS, work)
     base = results["full"]
     print(
-        f"{job_summary(args, base['threads'])}, LoRA rank {args.rank} on all projections; "
+        f"{common.job_summary(args, base['threads'])}, LoRA rank {args.rank} on all projections; "
         f"{base['params'] / 1e6:.1f}M parameters"
     )
     print(

@@ -32,17 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (
-    add_job_args,
-    add_variant_args,
-    fp32_train,
-    job_summary,
-    print_result,
-    run_variants,
-    timed_steps,
-    tiny_llama,
-    write_pairs,
-)
+import _common as common
 
 VARIANTS = ("simpo", "dpo-precomputed", "dpo-resident")
 
@@ -52,11 +42,11 @@ def run_config(args, data: Path, objective: str):
 
     return RunConfig.from_dict(
         {
-            "model": tiny_llama(args),
+            "model": common.tiny_llama(args),
             "loss": {"objective": objective},
             "optim": {"lr": 1e-6},
             "data": {"data_path": str(data), "data_schema": "pretokenized"},
-            "train": fp32_train(args),
+            "train": common.fp32_train(args),
         }
     )
 
@@ -171,7 +161,7 @@ def child(args) -> dict:
         )
         return m["loss"]
 
-    out.update(timed_steps(step, args.steps))
+    out.update(common.timed_steps(step, args.steps))
     out.update(peak_gib=peak_memory_gib(), threads=torch.get_num_threads())
     parallel.destroy_model_parallel()
     return out
@@ -179,24 +169,16 @@ def child(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_job_args(
-        ap,
-        seq_length=256,
-        global_batch_size=8,
-        micro_batch_size=4,
-        hidden=512,
-        layers=8,
-        vocab=8192,
-    )
-    add_variant_args(ap)
+    common.add_job_args(ap)
+    common.add_variant_args(ap)
     args = ap.parse_args()
     if args.variant:
-        print_result(child(args))
+        common.print_result(child(args))
         return
     work = Path(tempfile.mkdtemp(prefix="bench_objectives_"))
     n_pairs = args.global_batch_size * (args.steps + 1)
-    write_pairs(work / "pairs.jsonl", n_pairs, args.seq_length, args.vocab, args.seed)
-    results = run_variants(__file__, args, ("score", *VARIANTS), work)
+    common.write_pairs(work / "pairs.jsonl", n_pairs, args.seq_length, args.vocab, args.seed)
+    results = common.run_variants(__file__, args, ("score", *VARIANTS), work)
     pre, res = results["dpo-precomputed"], results["dpo-resident"]
     # Same weights, same reference log-probs: only the reference's float path differs (scored
     # per micro-batch of the eval layout vs this step's micro-batches).
@@ -204,7 +186,8 @@ def main() -> None:
     assert drift < 1e-4, f"DPO first-step losses differ: {pre['losses'][0]} vs {res['losses'][0]}"
     base = results["simpo"]
     print(
-        f"{job_summary(args, base['threads'])}; policy weights {base['policy_param_gib']:.3f} GiB"
+        f"{common.job_summary(args, base['threads'])}; policy weights "
+        f"{base['policy_param_gib']:.3f} GiB"
     )
     print(f"{'variant':<17}{'peak RSS GiB':>13}{'vs simpo':>10}{'s/step':>9}{'vs simpo':>10}")
     for v in VARIANTS:
