@@ -141,7 +141,8 @@ def test_grouped_gemm_expert_names_map_to_sequential_mlp_ones():
 
     pre = "module.decoder.layers.1.mlp.experts."
     assert canonical_name(pre + "linear_fc1.weight3") == pre + "local_experts.3.linear_fc1.weight"
-    assert canonical_name(pre + "linear_fc2.weight1", 2) == pre + "local_experts.3.linear_fc2.weight"
+    want = pre + "local_experts.3.linear_fc2.weight"
+    assert canonical_name(pre + "linear_fc2.weight1", 2) == want
     assert canonical_name(pre + "local_experts.1.linear_fc2.weight", 2) == (
         pre + "local_experts.3.linear_fc2.weight"
     )
