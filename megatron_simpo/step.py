@@ -136,7 +136,7 @@ def train_step(
 ) -> dict[str, float]:
     """Forward, backward, optimizer step; returns the reduced metrics, ``grad_norm``, ``lr``,
     ``update_ok``, with fp16's dynamic loss scaling ``loss_scale`` and for a mixture of experts
-    with an aux loss ``moe/aux_loss``.
+    ``moe/max_expert_load_fraction`` (and ``moe/aux_loss`` with an aux loss).
 
     ``after_backward`` runs once gradients are final (reduced over DP, divided by the global
     pair count) and before the optimizer touches them (tests use it to export gradients).
@@ -149,6 +149,7 @@ def train_step(
         moe.reset_aux_loss()
     reports = run_forward_backward(model, micro_batches, seq_len, loss_cfg, vocab_size)
     aux = moe.aux_loss_metrics(config, len(micro_batches))  # before anything else runs forward
+    aux |= moe.expert_load_metrics(model, config)
     if after_backward is not None:
         after_backward()
     metrics = reduce_reports(reports, loss_cfg) | aux
