@@ -40,8 +40,13 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
         head = core if isinstance(core, HiddenStatesGPTModel) else None
         if "segment_ids" in batch and thd_packed(model):
             # Transformer Engine: the rows as one stream of THD sequences (packed_seq.py),
-            # cu_seqlens from the host batch.
-            batch, params = packed_seq.thd_batch(batch)
+            # cu_seqlens from the host batch; without pipeline stages to keep shapes for, the
+            # rows' trailing padding is dropped.
+            c = core.config
+            pad = None
+            if c.pipeline_model_parallel_size == 1:
+                pad = packed_seq.stream_multiple(c.tensor_model_parallel_size)
+            batch, params = packed_seq.thd_batch(batch, pad)
             batch = _to_device(_with_scored_index(batch, core, head), device)
             params = packed_seq.to_device(params, device)
             output = model(

@@ -87,6 +87,9 @@ TE = {**SDPA, "attention_backend": "te"}
 TE_VARIANTS = {
     "bf16_te": {"precision": "bf16", **TE},
     "bf16_te_thd": {"precision": "bf16", **TE, "pack_pairs": True},
+    # PP1 drops the rows' trailing padding from the THD stream; padded to 16 instead of 64 here
+    # so that these short micro-batches really get shorter streams (train_variant).
+    "bf16_te_thd_trim16": {"precision": "bf16", **TE, "pack_pairs": True},
     "bf16_defaults": {"precision": "bf16"},
 }
 if HAVE_TE:
@@ -226,7 +229,7 @@ def train_variant(name: str, data: str, out: Path) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_simpo import model as model_mod
-    from megatron_simpo import parallel
+    from megatron_simpo import packed_seq, parallel
     from megatron_simpo.train import Trainer
 
     family = moe_family(name)
@@ -236,6 +239,17 @@ def train_variant(name: str, data: str, out: Path) -> None:
     with contextlib.nullcontext() if grouped else no_grouped:
         trainer = Trainer(_config(name, data))
         trainer.setup()
+    streams: list[tuple[int, int]] = []  # THD: (stream length, rows * s) per micro-batch
+    real_thd_batch = packed_seq.thd_batch
+
+    def thd_batch(batch, pad_multiple=None):
+        out = real_thd_batch(batch, pad_multiple)
+        streams.append((out[0]["tokens"].shape[1], batch["tokens"].numel()))
+        return out
+
+    patches = [mock.patch.object(packed_seq, "thd_batch", thd_batch)]
+    if name.endswith("_trim16"):
+        patches.append(mock.patch.object(packed_seq, "stream_multiple", lambda tp: 16))
     offset = 0
     if family:
         kinds = {type(m).__name__ for c in trainer.model for m in c.modules()}
@@ -264,13 +278,17 @@ def train_variant(name: str, data: str, out: Path) -> None:
     def grab() -> None:
         grads.update({n: p.main_grad.detach().float().cpu().clone() for n, p in params.items()})
 
-    steps = [trainer.step(grab if i == 0 else None) for i in range(STEPS)]
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        steps = [trainer.step(grab if i == 0 else None) for i in range(STEPS)]
     layout = checkpoint_layout(trainer.model) if family else None
     parallel.destroy_model_parallel()
     from megatron_simpo.model import attention_label
 
     record = {"device": device, "steps": steps, "grads": grads}
     record["attention"] = attention_label(trainer.cfg)
+    record["thd_streams"] = streams
     if family:
         record["checkpoint_layout"] = layout
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -388,6 +406,20 @@ def test_te_thd_packing_matches_te_padded(runs):
     assert runs["bf16_te_thd"]["attention"] == "te/thd"
     _check(runs["bf16_te_thd"], runs["bf16_te"], **BF16)
     _check(runs["bf16_te_thd"], runs["cpu_reference"], **BF16)
+
+
+@needs_te
+def test_te_thd_without_trailing_padding_matches_te_padded(runs):
+    """PP1: the THD stream holds the real tokens and one padding span up to a multiple (16
+    here, 64 by default), not the rows' trailing padding; same bounds as THD packing (the sums
+    are the same, only the stream is shorter)."""
+    got = runs["bf16_te_thd_trim16"]
+    assert got["attention"] == "te/thd"
+    streams = got["thd_streams"]
+    assert streams and all(t % 16 == 0 or t == full for t, full in streams), streams
+    assert any(t < full for t, full in streams), streams
+    _check(got, runs["bf16_te"], **BF16)
+    _check(got, runs["bf16_te_thd"], **BF16)
 
 
 @needs_te
