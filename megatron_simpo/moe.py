@@ -102,6 +102,17 @@ def _count_expert_load(router, args: tuple, output: tuple) -> None:
     router.expert_load = counts if load is None else load + counts
 
 
+def reset_expert_load(model: list) -> None:
+    """Forgets the routing counts of forwards before the step (any forward with gradients in
+    training mode adds to them, as to Megatron's aux-loss record)."""
+    from megatron.core.transformer.moe.router import Router
+
+    for chunk in model:
+        for module in chunk.modules():
+            if isinstance(module, Router):
+                module.expert_load = None
+
+
 def expert_load_metrics(model: list, config) -> dict[str, float]:
     """``moe/max_expert_load_fraction``: in the most imbalanced MoE layer, the busiest expert's
     share of the step's routed token slots (``max_e n_e / sum_e n_e`` over the step's training

@@ -152,6 +152,7 @@ def train_step(
     config = unwrap(model[0]).config
     if config.num_moe_experts:
         moe.reset_aux_loss()
+        moe.reset_expert_load(model)
     reports = run_forward_backward(model, micro_batches, seq_len, loss_cfg, vocab_size)
     aux = moe.aux_loss_metrics(config, len(micro_batches))  # before anything else runs forward
     aux |= moe.expert_load_metrics(model, config)
