@@ -104,6 +104,12 @@ def test_qwen2_moe_config_maps_to_moe_fields(tmp_path):
     assert "model.layers.1.mlp.shared_expert.up_proj.weight" in names
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in names
     assert "lm_head.weight" not in names  # tied
+    # The trainer's active-parameter FLOPs count the shared expert (3 x 64 x 40) and its gate:
+    # per layer attention 3 x 64 x 64, router 64 x 4, top-2 experts 2 x 3 x 64 x 32; output layer.
+    from megatron_simpo import flops
+
+    layer = 3 * 64 * 64 + 64 * 4 + 2 * 3 * 64 * 32 + 3 * 64 * 40 + 64
+    assert flops.matmul_params(m) == 2 * layer + 64 * 128
     # Only the family with shared experts has them in its key map.
     with pytest.raises(ConfigError, match="qwen3_moe family has no shared expert"):
         keymap.entries(
