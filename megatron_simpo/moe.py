@@ -49,6 +49,9 @@ def transformer_fields(cfg: RunConfig, grouped_gemm: bool) -> dict:
         "num_moe_experts": m.num_experts,
         "moe_router_topk": m.num_experts_per_tok,
         "moe_ffn_hidden_size": m.expert_ffn_size,
+        # Qwen2-MoE: SharedExpertMLP, its output x sigmoid(x @ gate_weight^T) when gated.
+        "moe_shared_expert_intermediate_size": m.shared_expert_intermediate_size,
+        "moe_shared_expert_gate": m.shared_expert_gate,
         "moe_router_score_function": "softmax",
         # False: softmax over the k largest logits = softmax then top-k then renormalise
         # (Mixtral, Qwen3-MoE's norm_topk_prob); True: top-k of the full softmax, as is.

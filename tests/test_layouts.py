@@ -153,6 +153,7 @@ def test_matrix_covers_required_layouts():
     required |= {"pp2_fixed", "pp2_varlen"}  # variable shapes between stages (issue 13)
     required |= {"tp2_sp_qwen3"}  # another family: QK-norm gradients summed over TP (issue 16)
     required |= {"ep2_mixtral", "ep2_tp2_etp1_mixtral", "ep2_pp2_mixtral"}  # experts (issue 16)
+    required |= {"tp2_sp_qwen2moe"}  # the shared expert's gate: SP-partial gradient over TP
     assert required <= set(COMPARED)
     assert LAYOUTS["pp2_varlen"].ref == "pp2_fixed"  # variable shapes against today's path
     sp = LAYOUTS["tp2_dp2_sp_distopt"].parallel
