@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, run_cli, torchrun
+from conftest import REPO, run_cli, run_gloo, torchrun
 
 from megatron_simpo.config import ModelConfig, RunConfig
 from megatron_simpo.convert import keymap
@@ -301,3 +301,62 @@ def test_moe_export_round_trip_is_bit_identical(mixtral, tmp_path, variant):
         assert "shared_expert_gate" not in config  # a layer option, not an HF field
     else:
         assert "shared_expert_intermediate_size" not in config
+
+
+def _check_expert_load(rank: int, world: int) -> None:
+    """One training forward of a 2-layer Mixtral (local spec, coeff 0: no aux loss) with padded
+    rows; the router inputs are captured and the routing recomputed in float64."""
+    from megatron.core.transformer.moe.router import Router
+
+    from megatron_simpo import moe, parallel
+    from megatron_simpo.model import build_model, unwrap
+
+    parallel.init_distributed()  # the CPU layer (the gloo world exists)
+    parallel.init_model_parallel(1, 1, None, seed=5)
+    cfg = RunConfig()
+    cfg.model = ModelConfig(
+        model_type="mixtral", num_experts=4, intermediate_size=48, num_hidden_layers=2
+    )
+    cfg.train.precision = "fp32"
+    (model,) = build_model(cfg)
+    config = unwrap(model).config
+    assert config.moe_router_load_balancing_type == "none"
+    inputs: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        if isinstance(m, Router):
+            with torch.no_grad():
+                m.weight.normal_(0, 0.5)  # routing far from uniform
+            m.register_forward_pre_hook(
+                lambda mod, args: inputs.__setitem__(mod.layer_number, args[0].detach())
+            )
+    g = torch.Generator().manual_seed(3)
+    b, s = 3, 10
+    tokens = torch.randint(0, 200, (b, s), generator=g)
+    padding = torch.arange(s).unsqueeze(0) >= torch.tensor([[10], [4], [7]])  # [b, s]
+    model.train()
+    out = model(tokens, torch.arange(s).expand(b, s), None, padding_mask=padding)
+    out.sum().backward()
+    share = []
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    for layer, x in sorted(inputs.items()):
+        router = next(m for m in routers if m.layer_number == layer)
+        logits = x.reshape(-1, x.shape[-1]).double() @ router.weight.double().t()
+        top = logits.topk(2, dim=-1).indices  # [s * b, 2]; softmax keeps the order
+        keep = ~padding.t().reshape(-1)  # the router's tokens are in (s, b) order
+        counts = torch.bincount(top[keep].reshape(-1), minlength=4).double()
+        share.append(counts.max() / counts.sum())
+    assert len(share) == 2
+    got = moe.expert_load_metrics([model], config)
+    assert got.keys() == {"moe/max_expert_load_fraction"}
+    assert got["moe/max_expert_load_fraction"] == pytest.approx(float(max(share)), abs=1e-12)
+    assert 0.25 < got["moe/max_expert_load_fraction"] <= 0.5
+    assert moe.expert_load_metrics([model], config) == {}  # zeroed
+    with torch.no_grad():  # evaluation is not counted
+        model.eval()
+        model(tokens, torch.arange(s).expand(b, s), None, padding_mask=padding)
+    assert moe.expert_load_metrics([model], config) == {}
+    parallel.destroy_model_parallel()
+
+
+def test_expert_load_fraction_is_logged_at_coeff_0_and_matches_float64():
+    run_gloo(1, _check_expert_load)
