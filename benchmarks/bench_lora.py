@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from synthetic import long_tailed_pairs
+import _common as common
 
 VARIANTS = ("full", "lora", "dora")
 
@@ -34,27 +30,11 @@ def run_config(args, data: Path, variant: str):
     lora = {} if variant == "full" else {"lora_rank": args.rank, "dora": variant == "dora"}
     return RunConfig.from_dict(
         {
-            "model": {
-                "vocab_size": args.vocab,
-                "hidden_size": args.hidden,
-                "intermediate_size": args.hidden * 8 // 3,
-                "num_hidden_layers": args.layers,
-                "num_attention_heads": 8,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": args.seq_length,
-            },
+            "model": common.tiny_llama(args),
             "optim": {"lr": 1e-5},
             "lora": lora,
             "data": {"data_path": str(data), "data_schema": "pretokenized"},
-            "train": {
-                "seq_length": args.seq_length,
-                "micro_batch_size": args.micro_batch_size,
-                "global_batch_size": args.global_batch_size,
-                "train_iters": args.steps + 1,
-                "precision": "fp32",
-                "attention_backend": "sdpa",
-                "seed": args.seed,
-            },
+            "train": common.fp32_train(args),
         }
     )
 
@@ -77,62 +57,34 @@ def child(args) -> dict:
         "params": sum(p.numel() for p in params),
         "trainable": sum(p.numel() for p in params if p.requires_grad),
     }
-    times, losses = [], []
-    for _ in range(args.steps + 1):
-        start = time.perf_counter()
-        losses.append(trainer.step()["loss"])
-        times.append(time.perf_counter() - start)
-    out.update(
-        seconds_per_step=statistics.median(times[1:]),
-        losses=losses,
-        peak_gib=peak_memory_gib(),
-        threads=torch.get_num_threads(),
-    )
+    out.update(common.timed_steps(lambda _: trainer.step()["loss"], args.steps))
+    out.update(peak_gib=peak_memory_gib(), threads=torch.get_num_threads())
     parallel.destroy_model_parallel()
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seq-length", type=int, default=256)
-    ap.add_argument("--global-batch-size", type=int, default=8)
-    ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up)")
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8192)
+    common.add_job_args(ap)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one variant's process
-    ap.add_argument("--work", help=argparse.SUPPRESS)
+    common.add_variant_args(ap)
     args = ap.parse_args()
     if args.variant:
-        print("RESULT " + json.dumps(child(args)), flush=True)
+        common.print_result(child(args))
         return
     work = Path(tempfile.mkdtemp(prefix="bench_lora_"))
-    n_pairs = args.global_batch_size * (args.steps + 1)
-    with (work / "pairs.jsonl").open("w") as f:
-        for row in long_tailed_pairs(n_pairs, args.seq_length, args.vocab, args.seed):
-            f.write(json.dumps(row) + "\n")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None]
-    results = {}
-    for variant in VARIANTS:
-        r = subprocess.run(
-            [sys.executable, __file__, *flags, "--variant", variant, "--work", str(work)],
-            capture_output=True,
-            text=True,
-        )
-        lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-        if r.returncode or not lines:
-            sys.exit(f"{variant} failed:\n{r.stderr[-3000:]}")
-        results[variant] = json.loads(lines[-1].removeprefix("RESULT "))
+    common.write_pairs(
+        work / "pairs.jsonl",
+        args.global_batch_size * (args.steps + 1),
+        args.seq_length,
+        args.vocab,
+        args.seed,
+    )
+    results = common.run_variants(__file__, args, VARIANTS, work)
     base = results["full"]
     print(
-        f"hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, seq_length "
-        f"{args.seq_length}, {args.global_batch_size} pairs/step (micro-batch "
-        f"{args.micro_batch_size}), fp32, {base['threads']} threads, {args.steps} timed steps, "
-        f"LoRA rank {args.rank} on all projections; {base['params'] / 1e6:.1f}M parameters"
+        f"{common.job_summary(args, base['threads'])}, LoRA rank {args.rank} on all projections; "
+        f"{base['params'] / 1e6:.1f}M parameters"
     )
     print(
         f"{'variant':<9}{'trainable':>11}{'peak RSS GiB':>13}{'vs full':>9}"

@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from synthetic import long_tailed_pairs
+import _common as common
 
 VARIANTS = ("simpo", "dpo-precomputed", "dpo-resident")
 
@@ -45,27 +42,11 @@ def run_config(args, data: Path, objective: str):
 
     return RunConfig.from_dict(
         {
-            "model": {
-                "vocab_size": args.vocab,
-                "hidden_size": args.hidden,
-                "intermediate_size": args.hidden * 8 // 3,
-                "num_hidden_layers": args.layers,
-                "num_attention_heads": 8,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": args.seq_length,
-            },
+            "model": common.tiny_llama(args),
             "loss": {"objective": objective},
             "optim": {"lr": 1e-6},
             "data": {"data_path": str(data), "data_schema": "pretokenized"},
-            "train": {
-                "seq_length": args.seq_length,
-                "micro_batch_size": args.micro_batch_size,
-                "global_batch_size": args.global_batch_size,
-                "train_iters": args.steps + 1,
-                "precision": "fp32",
-                "attention_backend": "sdpa",
-                "seed": args.seed,
-            },
+            "train": common.fp32_train(args),
         }
     )
 
@@ -164,9 +145,8 @@ def child(args) -> dict:
             chunk.eval()
         out["reference_param_gib"] = param_bytes(ref_model) / 2**30
     out["setup_peak_gib"] = peak_memory_gib()
-    times, losses = [], []
-    for it in range(args.steps + 1):
-        start = time.perf_counter()
+
+    def step(it: int) -> float:
         micro_batches, seq_len = trainer.batcher.micro_batches(it)
         if ref_model is not None:
             reference_logps(ref_model, micro_batches, seq_len, cfg)
@@ -179,52 +159,26 @@ def child(args) -> dict:
             cfg.loss,
             cfg.model.vocab_size,
         )
-        times.append(time.perf_counter() - start)
-        losses.append(m["loss"])
-    out.update(
-        seconds_per_step=statistics.median(times[1:]),
-        losses=losses,
-        peak_gib=peak_memory_gib(),
-        threads=torch.get_num_threads(),
-    )
+        return m["loss"]
+
+    out.update(common.timed_steps(step, args.steps))
+    out.update(peak_gib=peak_memory_gib(), threads=torch.get_num_threads())
     parallel.destroy_model_parallel()
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seq-length", type=int, default=256)
-    ap.add_argument("--global-batch-size", type=int, default=8)
-    ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up)")
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one variant's process
-    ap.add_argument("--work", help=argparse.SUPPRESS)
+    common.add_job_args(ap)
+    common.add_variant_args(ap)
     args = ap.parse_args()
     if args.variant:
-        print("RESULT " + json.dumps(child(args)), flush=True)
+        common.print_result(child(args))
         return
     work = Path(tempfile.mkdtemp(prefix="bench_objectives_"))
     n_pairs = args.global_batch_size * (args.steps + 1)
-    with (work / "pairs.jsonl").open("w") as f:
-        for row in long_tailed_pairs(n_pairs, args.seq_length, args.vocab, args.seed):
-            f.write(json.dumps(row) + "\n")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None]
-    results = {}
-    for variant in ("score", *VARIANTS):
-        r = subprocess.run(
-            [sys.executable, __file__, *flags, "--variant", variant, "--work", str(work)],
-            capture_output=True,
-            text=True,
-        )
-        lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-        if r.returncode or not lines:
-            sys.exit(f"{variant} failed:\n{r.stderr[-3000:]}")
-        results[variant] = json.loads(lines[-1].removeprefix("RESULT "))
+    common.write_pairs(work / "pairs.jsonl", n_pairs, args.seq_length, args.vocab, args.seed)
+    results = common.run_variants(__file__, args, ("score", *VARIANTS), work)
     pre, res = results["dpo-precomputed"], results["dpo-resident"]
     # Same weights, same reference log-probs: only the reference's float path differs (scored
     # per micro-batch of the eval layout vs this step's micro-batches).
@@ -232,10 +186,8 @@ def main() -> None:
     assert drift < 1e-4, f"DPO first-step losses differ: {pre['losses'][0]} vs {res['losses'][0]}"
     base = results["simpo"]
     print(
-        f"hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, seq_length "
-        f"{args.seq_length}, {args.global_batch_size} pairs/step (micro-batch "
-        f"{args.micro_batch_size}), fp32, {base['threads']} threads, {args.steps} timed steps; "
-        f"policy weights {base['policy_param_gib']:.3f} GiB"
+        f"{common.job_summary(args, base['threads'])}; policy weights "
+        f"{base['policy_param_gib']:.3f} GiB"
     )
     print(f"{'variant':<17}{'peak RSS GiB':>13}{'vs simpo':>10}{'s/step':>9}{'vs simpo':>10}")
     for v in VARIANTS:

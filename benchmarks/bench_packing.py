@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common as common
 from synthetic import long_tailed_pairs
 
 MODES = {
@@ -51,15 +52,16 @@ def _non_padding(mb: dict) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seq-length", type=int, default=512)
-    ap.add_argument("--global-batch-size", type=int, default=16)
-    ap.add_argument("--micro-batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up)")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="also write the rows here")
+    common.add_job_args(
+        ap,
+        seq_length=512,
+        global_batch_size=16,
+        micro_batch_size=8,
+        hidden=256,
+        layers=4,
+        vocab=2048,
+        json_help="also write the rows here",
+    )
     args = ap.parse_args()
 
     from megatron_simpo import parallel
@@ -81,24 +83,9 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
     cfg = RunConfig.from_dict(
         {
-            "model": {
-                "vocab_size": args.vocab,
-                "hidden_size": args.hidden,
-                "intermediate_size": args.hidden * 8 // 3,
-                "num_hidden_layers": args.layers,
-                "num_attention_heads": 8,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": args.seq_length,
-            },
+            "model": common.tiny_llama(args),
             "data": {"data_path": str(data), "data_schema": "pretokenized"},
-            "train": {
-                "seq_length": args.seq_length,
-                "micro_batch_size": args.micro_batch_size,
-                "global_batch_size": args.global_batch_size,
-                "precision": "fp32",
-                "attention_backend": "sdpa",
-                "seed": args.seed,
-            },
+            "train": common.fp32_train(args, train_iters=False),
         }
     )
     trainer = Trainer(cfg)

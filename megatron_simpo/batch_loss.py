@@ -21,21 +21,6 @@ from megatron_simpo.fused_logprobs import HiddenStatesGPTModel
 from megatron_simpo.logprobs import vocab_parallel_logprobs
 from megatron_simpo.loss import OBJECTIVES, ObjectiveOutput, PairLogps, sequence_logps
 
-#: Per-pair metrics of every objective (TRL's names), in ``pair_metrics`` and ``evaluate``'s
-#: ``per_pair``; :func:`pair_keys` adds the objective's own.
-PAIR_KEYS = (
-    "loss",
-    "nll_loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "length/chosen",
-    "length/rejected",
-    "weight",
-)
 #: Means over the pairs of positive weight (a weight-0 pair is computed but not scored);
 #: :func:`scored_keys` adds the objective's own.
 SCORED_KEYS = (
@@ -48,6 +33,9 @@ SCORED_KEYS = (
     "length/chosen",
     "length/rejected",
 )
+#: Per-pair metrics of every objective (TRL's names), in ``pair_metrics`` and ``evaluate``'s
+#: ``per_pair``; :func:`pair_keys` adds the objective's own.
+PAIR_KEYS = ("loss", "nll_loss", *SCORED_KEYS, "weight")
 #: Summed per micro-batch, then over data-parallel ranks: ``loss`` and ``nll_loss`` are divided
 #: by ``pairs`` (they are contributions, see ``loss.py``), the scored keys by ``scored_pairs``.
 TOTAL_KEYS = ("pairs", "scored_pairs", "tokens", "tokens_effective")

@@ -20,75 +20,23 @@ Hugging Face ``config.json``; flags given on the command line override both.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import types
-import typing
 import warnings
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 from megatron_simpo import compat
-from megatron_simpo.config import (
-    FLAG_NAMES,
-    SECTIONS,
-    ModelConfig,
-    RunConfig,
-    field_docs,
-    field_types,
-)
+from megatron_simpo.config import SECTIONS, ModelConfig, RunConfig
 from megatron_simpo.errors import ConfigError, SimPOError
-
-
-def _base_type(tp: Any) -> tuple[Any, list | None]:
-    """(python type, choices) for an annotation like ``int | None`` or ``Literal[...]``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _base_type(args[0])
-    if origin is typing.Literal:
-        choices = list(typing.get_args(tp))
-        return type(choices[0]), choices
-    return tp, None
+from megatron_simpo.flags import field_flags
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
-        docs, hints = field_docs(cls), field_types(cls)
-        for f in fields(cls):
-            tp, choices = _base_type(hints[f.name])
-            spelled = "--" + f.name.replace("_", "-")
-            flags = [FLAG_NAMES[f.name], spelled] if f.name in FLAG_NAMES else [spelled]
-            dest = f"{section}.{f.name}"
-            help_text = docs.get(f.name, "")
-            if tp is bool:
-                group.add_argument(
-                    *flags,
-                    dest=dest,
-                    action=argparse.BooleanOptionalAction,
-                    default=argparse.SUPPRESS,
-                    help=help_text,
-                )
-            elif tp is dict:
-                group.add_argument(
-                    *flags,
-                    dest=dest,
-                    type=json.loads,
-                    default=argparse.SUPPRESS,
-                    help=help_text + " (JSON)",
-                )
-            else:
-                group.add_argument(
-                    *flags,
-                    dest=dest,
-                    type=tp,
-                    choices=choices,
-                    default=argparse.SUPPRESS,
-                    help=help_text,
-                )
+        for name, flags, kw in field_flags(cls):
+            group.add_argument(*flags, dest=f"{section}.{name}", default=argparse.SUPPRESS, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,34 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--output", required=True, help="directory for the prepared dataset")
     prep.add_argument("--vocab-size", type=int, help="refuse ids >= this (the model's)")
-    docs = field_docs(SECTIONS["data"])
-    for name in (
-        "data_path",
-        "data_split",
-        "data_schema",
-        "tokenizer",
-        "max_length",
-        "max_prompt_length",
-        "truncation_mode",
-        "truncation_rule",
-        "skip_invalid",
-        "keep_ties",
-        "num_workers",
+    defaults = {f.name: f.default for f in fields(SECTIONS["data"])}
+    for name, flags, kw in field_flags(
+        SECTIONS["data"],
+        (
+            "data_path",
+            "data_split",
+            "data_schema",
+            "tokenizer",
+            "max_length",
+            "max_prompt_length",
+            "truncation_mode",
+            "truncation_rule",
+            "skip_invalid",
+            "keep_ties",
+            "num_workers",
+        ),
+        bool_action="store_true",
+        aliases=False,
     ):
-        f = next(x for x in fields(SECTIONS["data"]) if x.name == name)
-        tp, choices = _base_type(field_types(SECTIONS["data"])[name])
-        flag = "--" + name.replace("_", "-")
-        if tp is bool:
-            prep.add_argument(flag, action="store_true", help=docs[name])
+        if "action" in kw:  # a boolean: store_true
+            prep.add_argument(*flags, **kw)
         else:
-            prep.add_argument(
-                flag,
-                type=tp,
-                choices=choices,
-                default=f.default,
-                required=name == "data_path",
-                help=docs[name],
-            )
+            prep.add_argument(*flags, default=defaults[name], required=name == "data_path", **kw)
 
     convert = sub.add_parser("convert", help="checkpoint conversion")
     conv_sub = convert.add_subparsers(dest="direction", required=True)
@@ -327,15 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             from megatron_simpo.data.prepare import PrepareOptions, prepare
 
-            opts = PrepareOptions(
-                schema=args.data_schema,
-                max_length=args.max_length,
-                max_prompt_length=args.max_prompt_length,
-                truncation_mode=args.truncation_mode,
-                truncation_rule=args.truncation_rule,
-                skip_invalid=args.skip_invalid,
-                keep_ties=args.keep_ties,
-                vocab_size=args.vocab_size,
+            opts = PrepareOptions.from_flags(
+                args, max_length=args.max_length, vocab_size=args.vocab_size
             )
             prepare(
                 args.data_path,

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -326,6 +326,25 @@ def _log_ratios(logps: PairLogps, name: str) -> tuple[torch.Tensor, torch.Tensor
     return logps.chosen - logps.ref_chosen, logps.rejected - logps.ref_rejected
 
 
+class Reduction(TypedDict, total=False):
+    """The keyword arguments every objective passes on to :func:`weighted_contributions`."""
+
+    sft_reduction: SFTReduction
+    """``"token"`` (pooled over the batch's chosen tokens; default) or ``"pair"``."""
+    weights: torch.Tensor | None
+    """``[pairs]`` per-pair weights ``w_i >= 0`` (default 1)."""
+    totals: torch.Tensor | None
+    """``[3]`` :func:`batch_totals` of the global batch; default: these pairs'."""
+
+
+def _per_token(
+    logps: PairLogps, chosen: torch.Tensor, rejected: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(chosen / n_c, rejected / n_r)``, each ``[pairs]``: values per response token."""
+    dtype = chosen.dtype
+    return chosen / logps.chosen_tokens.to(dtype), rejected / logps.rejected_tokens.to(dtype)
+
+
 def _output(
     losses: torch.Tensor,
     logps: PairLogps,
@@ -333,10 +352,8 @@ def _output(
     rejected_rewards: torch.Tensor,
     *,
     nll_weight: float,
-    sft_reduction: SFTReduction,
-    weights: torch.Tensor | None,
-    totals: torch.Tensor | None,
     metrics: dict[str, torch.Tensor] | None = None,
+    **reduction: Unpack[Reduction],
 ) -> ObjectiveOutput:
     """Weights and reduces ``losses`` ``[pairs]`` (:func:`weighted_contributions`), the NLL
     term being that of the chosen responses."""
@@ -344,10 +361,8 @@ def _output(
         losses,
         -logps.chosen / logps.chosen_tokens.to(logps.chosen.dtype),  # S_i / n_i
         nll_weight=nll_weight,
-        sft_reduction=sft_reduction,
-        weights=weights,
         chosen_tokens=logps.chosen_tokens,
-        totals=totals,
+        **reduction,
     )
     return ObjectiveOutput(
         contributions,
@@ -365,9 +380,7 @@ def dpo_loss(
     beta: float,
     label_smoothing: float = 0.0,
     sft_weight: float = 0.0,
-    sft_reduction: SFTReduction = "token",
-    weights: torch.Tensor | None = None,
-    totals: torch.Tensor | None = None,
+    **reduction: Unpack[Reduction],
 ) -> ObjectiveOutput:
     """DPO (Rafailov et al., 2023), sigmoid loss, with cDPO label smoothing ``eps``:
 
@@ -381,19 +394,12 @@ def dpo_loss(
         beta: KL-penalty strength.
         label_smoothing: ``eps`` in [0, 0.5), the assumed label-flip probability.
         sft_weight: weight of an NLL term of the chosen responses (RPO-style; 0: none).
-        sft_reduction, weights, totals: as in :func:`weighted_contributions`.
+        reduction: ``sft_reduction``, ``weights``, ``totals`` (:class:`Reduction`).
     """
     chosen, rejected = _log_ratios(logps, "dpo")
     losses = conservative_sigmoid_loss(beta * (chosen - rejected), label_smoothing)
     return _output(
-        losses,
-        logps,
-        beta * chosen,
-        beta * rejected,
-        nll_weight=sft_weight,
-        sft_reduction=sft_reduction,
-        weights=weights,
-        totals=totals,
+        losses, logps, beta * chosen, beta * rejected, nll_weight=sft_weight, **reduction
     )
 
 
@@ -403,9 +409,7 @@ def dpo_norm_loss(
     beta: float,
     label_smoothing: float = 0.0,
     sft_weight: float = 0.0,
-    sft_reduction: SFTReduction = "token",
-    weights: torch.Tensor | None = None,
-    totals: torch.Tensor | None = None,
+    **reduction: Unpack[Reduction],
 ) -> ObjectiveOutput:
     """Length-normalised DPO (Tülu 3's ``dpo_norm``; TRL's ``sigmoid_norm``): DPO on the log-ratios
     per token,
@@ -417,18 +421,11 @@ def dpo_norm_loss(
     as :func:`dpo_loss`.
     """
     chosen, rejected = _log_ratios(logps, "dpo-norm")
-    dtype = chosen.dtype
-    z = chosen / logps.chosen_tokens.to(dtype) - rejected / logps.rejected_tokens.to(dtype)
+    chosen_per_token, rejected_per_token = _per_token(logps, chosen, rejected)
+    z = chosen_per_token - rejected_per_token
     losses = conservative_sigmoid_loss(beta * z, label_smoothing)
     return _output(
-        losses,
-        logps,
-        beta * chosen,
-        beta * rejected,
-        nll_weight=sft_weight,
-        sft_reduction=sft_reduction,
-        weights=weights,
-        totals=totals,
+        losses, logps, beta * chosen, beta * rejected, nll_weight=sft_weight, **reduction
     )
 
 
@@ -437,9 +434,7 @@ def ipo_loss(
     *,
     beta: float,
     sft_weight: float = 0.0,
-    sft_reduction: SFTReduction = "token",
-    weights: torch.Tensor | None = None,
-    totals: torch.Tensor | None = None,
+    **reduction: Unpack[Reduction],
 ) -> ObjectiveOutput:
     """IPO (Azar et al., 2023, eq. 17) on log-ratios per token, as TRL computes it (confirmed
     with the IPO authors, see TRL's ``DPOTrainer``):
@@ -450,18 +445,11 @@ def ipo_loss(
     Rewards: ``beta (c - c0)``, ``beta (r - r0)``. Other arguments as :func:`dpo_loss`.
     """
     chosen, rejected = _log_ratios(logps, "ipo")
-    dtype = chosen.dtype
-    z = chosen / logps.chosen_tokens.to(dtype) - rejected / logps.rejected_tokens.to(dtype)
+    chosen_per_token, rejected_per_token = _per_token(logps, chosen, rejected)
+    z = chosen_per_token - rejected_per_token
     losses = (z - 1.0 / (2.0 * beta)) ** 2
     return _output(
-        losses,
-        logps,
-        beta * chosen,
-        beta * rejected,
-        nll_weight=sft_weight,
-        sft_reduction=sft_reduction,
-        weights=weights,
-        totals=totals,
+        losses, logps, beta * chosen, beta * rejected, nll_weight=sft_weight, **reduction
     )
 
 
@@ -470,9 +458,7 @@ def dpo_hinge_loss(
     *,
     beta: float,
     sft_weight: float = 0.0,
-    sft_reduction: SFTReduction = "token",
-    weights: torch.Tensor | None = None,
-    totals: torch.Tensor | None = None,
+    **reduction: Unpack[Reduction],
 ) -> ObjectiveOutput:
     """DPO with the hinge loss of SLiC (Zhao et al., 2023; TRL's ``hinge``):
 
@@ -484,14 +470,7 @@ def dpo_hinge_loss(
     chosen, rejected = _log_ratios(logps, "dpo-hinge")
     losses = torch.relu(1.0 - beta * (chosen - rejected))
     return _output(
-        losses,
-        logps,
-        beta * chosen,
-        beta * rejected,
-        nll_weight=sft_weight,
-        sft_reduction=sft_reduction,
-        weights=weights,
-        totals=totals,
+        losses, logps, beta * chosen, beta * rejected, nll_weight=sft_weight, **reduction
     )
 
 
@@ -502,9 +481,7 @@ def cpo_loss(
     cpo_alpha: float = 1.0,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-    sft_reduction: SFTReduction = "token",
-    weights: torch.Tensor | None = None,
-    totals: torch.Tensor | None = None,
+    **reduction: Unpack[Reduction],
 ) -> ObjectiveOutput:
     """CPO (Xu et al., 2024, eq. 3; TRL's ``CPOTrainer``), reference free, plus ``cpo_alpha``
     times the NLL of the chosen responses, ``L = sum_i w_i l_i / sum_i w_i + cpo_alpha * NLL``:
@@ -522,8 +499,8 @@ def cpo_loss(
         cpo_alpha: weight of the NLL term (TRL's default 1).
         loss_type: ``"sigmoid"``, ``"hinge"`` or ``"ipo"``.
         label_smoothing: ``eps`` in [0, 0.5) (sigmoid only).
-        sft_reduction, weights, totals: as in :func:`weighted_contributions` (``"token"`` is
-            TRL's cross-entropy over all chosen tokens).
+        reduction: ``sft_reduction``, ``weights``, ``totals`` (:class:`Reduction`; ``"token"``
+            is TRL's cross-entropy over all chosen tokens).
     """
     if loss_type not in ("sigmoid", "hinge", "ipo"):
         raise ValueError(f"unknown CPO loss_type {loss_type!r}; expected sigmoid, hinge or ipo")
@@ -531,22 +508,13 @@ def cpo_loss(
         raise ValueError("label_smoothing applies to the sigmoid loss only")
     c, r = logps.chosen, logps.rejected
     if loss_type == "ipo":
-        c, r = c / logps.chosen_tokens.to(c.dtype), r / logps.rejected_tokens.to(r.dtype)
+        c, r = _per_token(logps, c, r)
         losses = (c - r - 1.0 / (2.0 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - beta * (c - r))
     else:
         losses = conservative_sigmoid_loss(beta * (c - r), label_smoothing)
-    return _output(
-        losses,
-        logps,
-        beta * c,
-        beta * r,
-        nll_weight=cpo_alpha,
-        sft_reduction=sft_reduction,
-        weights=weights,
-        totals=totals,
-    )
+    return _output(losses, logps, beta * c, beta * r, nll_weight=cpo_alpha, **reduction)
 
 
 def orpo_loss(
@@ -554,9 +522,7 @@ def orpo_loss(
     *,
     beta: float,
     orpo_alpha: float = 1.0,
-    sft_reduction: SFTReduction = "token",
-    weights: torch.Tensor | None = None,
-    totals: torch.Tensor | None = None,
+    **reduction: Unpack[Reduction],
 ) -> ObjectiveOutput:
     """ORPO (Hong et al., 2024, eqs. 4-7; TRL's ``ORPOTrainer``), reference free, on mean
     log-probs ``m_c = c / n_c``, ``m_r = r / n_r``:
@@ -574,56 +540,29 @@ def orpo_loss(
         logps: :class:`PairLogps` (reference log-probs unused).
         beta: weight of the odds-ratio term.
         orpo_alpha: weight of the NLL term (TRL: 1).
-        sft_reduction, weights, totals: as in :func:`weighted_contributions`.
+        reduction: ``sft_reduction``, ``weights``, ``totals`` (:class:`Reduction`).
     """
-    dtype = logps.chosen.dtype
-    mean_c = logps.chosen / logps.chosen_tokens.to(dtype)
-    mean_r = logps.rejected / logps.rejected_tokens.to(dtype)
+    mean_c, mean_r = _per_token(logps, logps.chosen, logps.rejected)
     log_odds = (mean_c - mean_r) - (log1mexp(mean_c) - log1mexp(mean_r))
     ratio = F.logsigmoid(log_odds)
+    metrics = {"log_odds_ratio": ratio, "log_odds_chosen": log_odds}
     return _output(
         -beta * ratio,
         logps,
         beta * mean_c,
         beta * mean_r,
         nll_weight=orpo_alpha,
-        sft_reduction=sft_reduction,
-        weights=weights,
-        totals=totals,
-        metrics={"log_odds_ratio": ratio, "log_odds_chosen": log_odds},
+        metrics=metrics,
+        **reduction,
     )
 
 
-def simpo_objective(
-    logps: PairLogps,
-    *,
-    beta: float,
-    gamma_beta_ratio: float | None = None,
-    simpo_gamma: float | None = None,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    sft_weight: float = 0.0,
-    sft_reduction: SFTReduction = "token",
-    weights: torch.Tensor | None = None,
-    totals: torch.Tensor | None = None,
-) -> ObjectiveOutput:
+def simpo_objective(logps: PairLogps, *, beta: float, **options) -> ObjectiveOutput:
     """:func:`simpo_loss` on the mean log-probs ``c / n_c``, ``r / n_r``, in the interface of
-    :data:`OBJECTIVES` (same arguments; rewards ``beta c / n_c``, ``beta r / n_r``)."""
-    dtype = logps.chosen.dtype
-    out = simpo_loss(
-        logps.chosen / logps.chosen_tokens.to(dtype),
-        logps.rejected / logps.rejected_tokens.to(dtype),
-        beta=beta,
-        gamma_beta_ratio=gamma_beta_ratio,
-        simpo_gamma=simpo_gamma,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing,
-        sft_weight=sft_weight,
-        sft_reduction=sft_reduction,
-        weights=weights,
-        chosen_tokens=logps.chosen_tokens,
-        totals=totals,
-    )
+    :data:`OBJECTIVES` (``options``: :func:`simpo_loss`'s keyword arguments but
+    ``chosen_tokens``; rewards ``beta c / n_c``, ``beta r / n_r``)."""
+    mean_c, mean_r = _per_token(logps, logps.chosen, logps.rejected)
+    out = simpo_loss(mean_c, mean_r, beta=beta, chosen_tokens=logps.chosen_tokens, **options)
     return ObjectiveOutput(*out, {})
 
 

@@ -99,8 +99,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from megatron_simpo import defaults, flops
-from megatron_simpo.config import OBJECTIVE_NAMES, LossConfig, ModelConfig
+from megatron_simpo.config import OBJECTIVE_NAMES, LoraConfig, LossConfig, ModelConfig
 from megatron_simpo.errors import ConfigError
+from megatron_simpo.flags import field_flags
 from megatron_simpo.plan_report import format_plan
 from megatron_simpo.shapes import (
     LORA_PROJECTIONS,
@@ -782,6 +783,15 @@ def variants(m: ModelConfig, job: Job, **fixed: Any) -> list[dict[str, Any]]:
     return out
 
 
+#: The LoRA fields sized by ``plan``: (the planner's default, its help; None: the field's).
+_LORA_FLAGS: dict[str, tuple[Any, str | None]] = {
+    "lora_rank": (0, "size a LoRA run of this rank"),
+    "lora_alpha": (None, "LoRA alpha (no effect on memory)"),
+    "lora_dropout": (0.0, None),
+    "lora_target": ("all", None),
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -869,15 +879,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--peak-tflops", type=float, default=989.0, help="peak TFLOP/s per GPU (H100/H200 bf16)"
     )
-    p.add_argument("--lora-rank", type=int, default=0, help="size a LoRA run of this rank")
-    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (no effect on memory)")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
-    p.add_argument(
-        "--lora-target",
-        default="all",
-        help="qkv,proj,fc1,fc2 | all | HF names (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
-        "down_proj)",
-    )
+    # train's --lora-* flags (names and types from LoraConfig), with the planner's defaults.
+    for name, flags, kw in field_flags(LoraConfig, tuple(_LORA_FLAGS)):
+        default, help_text = _LORA_FLAGS[name]
+        p.add_argument(*flags, **{**kw, "help": help_text or kw["help"]}, default=default)
     p.add_argument(
         "--optimizer-cpu-offload",
         action="store_true",

@@ -31,66 +31,60 @@ from typing import Any
 from megatron_simpo.config import ModelConfig, RunConfig
 from megatron_simpo.errors import ConfigError
 
+#: config.json values the Meta-Llama-3 checkpoints share (8B and 70B).
+_LLAMA3: dict[str, Any] = dict(
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0
+)
+#: config.json values the Qwen3-MoE checkpoints share (30B-A3B and 235B-A22B): 128 experts,
+#: 8 routed per token, no shared expert, QK RMSNorm, every layer MoE (decoder_sparse_step 1,
+#: mlp_only_layers []); their intermediate_size is the unused dense width.
+_QWEN3_MOE: dict[str, Any] = dict(
+    model_type="qwen3_moe",
+    qk_layernorm=True,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_experts=128,
+    num_experts_per_tok=8,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
+
 #: Model presets: the Hugging Face ``config.json`` values of the published checkpoints.
 PRESETS: dict[str, dict[str, Any]] = {
     # meta-llama/Meta-Llama-3-8B, meta-llama/Meta-Llama-3-70B config.json.
     "llama3-8b": dict(
+        _LLAMA3,
         hidden_size=4096,
         num_hidden_layers=32,
         num_attention_heads=32,
-        num_key_value_heads=8,
         intermediate_size=14336,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
     ),
     "llama3-70b": dict(
+        _LLAMA3,
         hidden_size=8192,
         num_hidden_layers=80,
         num_attention_heads=64,
-        num_key_value_heads=8,
         intermediate_size=28672,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
     ),
-    # Qwen/Qwen3-30B-A3B config.json (model card: 30.5B total, 3.3B activated): 128 experts,
-    # 8 routed per token, no shared expert, QK RMSNorm, every layer MoE (decoder_sparse_step 1,
-    # mlp_only_layers []); intermediate_size 6144 is the unused dense width.
+    # Qwen/Qwen3-30B-A3B config.json (model card: 30.5B total, 3.3B activated).
     "qwen3-30b-a3b": dict(
-        model_type="qwen3_moe",
-        qk_layernorm=True,
+        _QWEN3_MOE,
         hidden_size=2048,
         num_hidden_layers=48,
         num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
         intermediate_size=6144,
         moe_intermediate_size=768,
-        num_experts=128,
-        num_experts_per_tok=8,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
     ),
     # Qwen/Qwen3-235B-A22B config.json (model card: 235B total, 22B activated).
     "qwen3-235b-a22b": dict(
-        model_type="qwen3_moe",
-        qk_layernorm=True,
+        _QWEN3_MOE,
         hidden_size=4096,
         num_hidden_layers=94,
         num_attention_heads=64,
-        num_key_value_heads=4,
-        head_dim=128,
         intermediate_size=12288,
         moe_intermediate_size=1536,
-        num_experts=128,
-        num_experts_per_tok=8,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
     ),
     # mistralai/Mixtral-8x22B-v0.1 config.json (Mistral's announcement: 141B total, 39B
     # active): 8 experts (num_local_experts), 2 per token, expert width = intermediate_size.

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from megatron_simpo.data.batching import Pair, PairBatcher, collate, global_batch_indices
 from megatron_simpo.data.prepare import (
@@ -199,27 +200,10 @@ def ensure_prepared(
     return entry
 
 
-def load_pairs(
-    data_path: str,
-    *,
-    tokenizer: str | None,
-    opts: PrepareOptions,
-    split: str | None = None,
-    cache_dir: str | None = None,
-    num_workers: int = 1,
-    rank: int = 0,
-) -> PreparedPairs:
-    """Pairs of ``data_path`` (prepared directory, or raw data prepared into the cache)."""
-    entry = ensure_prepared(
-        data_path,
-        tokenizer=tokenizer,
-        opts=opts,
-        split=split,
-        cache_dir=cache_dir,
-        num_workers=num_workers,
-        rank=rank,
-    )
-    return PreparedPairs(entry)
+def load_pairs(data_path: str, **options: Any) -> PreparedPairs:
+    """Pairs of ``data_path`` (prepared directory, or raw data prepared into the cache);
+    ``options``: the keyword arguments of :func:`ensure_prepared`."""
+    return PreparedPairs(ensure_prepared(data_path, **options))
 
 
 def _default_tokenizer(cfg) -> str | None:
@@ -238,16 +222,8 @@ def _default_tokenizer(cfg) -> str | None:
 
 def _options(cfg) -> PrepareOptions:
     d = cfg.data
-    return PrepareOptions(
-        schema=d.data_schema,
-        max_length=d.max_length if d.max_length is not None else cfg.train.seq_length,
-        max_prompt_length=d.max_prompt_length,
-        truncation_mode=d.truncation_mode,
-        truncation_rule=d.truncation_rule,
-        skip_invalid=d.skip_invalid,
-        keep_ties=d.keep_ties,
-        vocab_size=cfg.model.vocab_size,
-    )
+    max_length = d.max_length if d.max_length is not None else cfg.train.seq_length
+    return PrepareOptions.from_flags(d, max_length=max_length, vocab_size=cfg.model.vocab_size)
 
 
 def _rank() -> int:
@@ -255,6 +231,19 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def _prepare_kwargs(cfg) -> dict[str, Any]:
+    """The keyword arguments of :func:`ensure_prepared` (and :func:`load_pairs`) for a run."""
+    d = cfg.data
+    return dict(
+        tokenizer=_default_tokenizer(cfg),
+        opts=_options(cfg),
+        split=d.data_split,
+        cache_dir=d.data_cache_dir,
+        num_workers=d.num_workers,
+        rank=_rank(),
+    )
 
 
 def prepare_for_run(cfg) -> None:
@@ -272,15 +261,7 @@ def prepare_for_run(cfg) -> None:
                 f"pass {flag} DIR"
             )
         if path:
-            ensure_prepared(
-                path,
-                tokenizer=_default_tokenizer(cfg),
-                opts=_options(cfg),
-                split=d.data_split,
-                cache_dir=d.data_cache_dir,
-                num_workers=d.num_workers,
-                rank=_rank(),
-            )
+            ensure_prepared(path, **_prepare_kwargs(cfg))
 
 
 def pairs_for(cfg, path: str) -> PreparedPairs:
@@ -290,17 +271,9 @@ def pairs_for(cfg, path: str) -> PreparedPairs:
     from megatron_simpo.data.checks import check_for_run
     from megatron_simpo.data.prepare import load_tokenizer, tokenizer_fingerprint
 
-    d = cfg.data
-    tokenizer = _default_tokenizer(cfg)
-    pairs = load_pairs(
-        path,
-        tokenizer=tokenizer,
-        opts=_options(cfg),
-        split=d.data_split,
-        cache_dir=d.data_cache_dir,
-        num_workers=d.num_workers,
-        rank=_rank(),
-    )
+    kwargs = _prepare_kwargs(cfg)
+    tokenizer = kwargs["tokenizer"]
+    pairs = load_pairs(path, **kwargs)
     fp = None
     if tokenizer and pairs.info.get("tokenizer_fingerprint"):
         fp = tokenizer_fingerprint(load_tokenizer(tokenizer))
@@ -311,6 +284,6 @@ def pairs_for(cfg, path: str) -> PreparedPairs:
         tokenizer=tokenizer,
         tokenizer_fingerprint=fp,
         objective=cfg.loss.objective,
-        max_length=d.max_length,
+        max_length=cfg.data.max_length,
     )
     return pairs

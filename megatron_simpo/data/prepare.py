@@ -65,6 +65,23 @@ class PrepareOptions:
     keep_ties: bool = False
     vocab_size: int | None = None
 
+    @classmethod
+    def from_flags(
+        cls, d: Any, *, max_length: int | None, vocab_size: int | None
+    ) -> PrepareOptions:
+        """The options of ``d``, a ``DataConfig`` or ``prepare``'s parsed arguments (the same
+        field names: ``data_schema``, ``max_prompt_length``, ``truncation_*``, ...)."""
+        return cls(
+            schema=d.data_schema,
+            max_length=max_length,
+            max_prompt_length=d.max_prompt_length,
+            truncation_mode=d.truncation_mode,
+            truncation_rule=d.truncation_rule,
+            skip_invalid=d.skip_invalid,
+            keep_ties=d.keep_ties,
+            vocab_size=vocab_size,
+        )
+
 
 _TOKENIZERS: dict[str, Any] = {}
 
