@@ -1,6 +1,7 @@
 """Checkpoint/resume behaviour that a requeued job relies on (part of the fault-tolerance issue):
 the same command resumes from --save, resumed losses equal an uninterrupted run bit for bit,
-SIGTERM checkpoints at the next iteration and exits 0, --keep-last, --exit-duration-in-mins.
+SIGTERM checkpoints at the next iteration and exits 0, --keep-last (--exit-duration-in-mins:
+test_slurm.py's test_stop_checkpoint_then_requeue_without_scontrol_exits_0).
 On varied data (``tests/data/varied_pretok.jsonl``: lengths 1..16, non-unit weights; 24 pairs, so
 global batches of 16 straddle epochs)."""
 
@@ -73,7 +74,12 @@ def test_requeued_run_continues_bit_identically(tmp_path):
     """In bf16 (the GPU default): the checkpoint must hold the fp32 main params, not only the
     bf16 weights, for the resumed updates to be bit-identical."""
     bf16 = ["--precision", "bf16"]
-    run([*bf16, "--tensorboard-dir", str(tmp_path / "tb_a"), "--save", str(tmp_path / "a")])
+    # The uninterrupted run also checks --keep-last: saved every iteration, the last 2 stay.
+    a = [*bf16, "--tensorboard-dir", str(tmp_path / "tb_a"), "--save", str(tmp_path / "a")]
+    out = run([*a, "--save-interval", "1", "--keep-last", "2"])
+    assert "iter 6/6" in out
+    kept = sorted(p.name for p in (tmp_path / "a").glob("iter_*"))
+    assert kept == ["iter_0000005", "iter_0000006"]
     b = [*bf16, "--tensorboard-dir", str(tmp_path / "tb_b"), "--save", str(tmp_path / "b")]
     first = run([*b, "--exit-interval", "3"])
     assert "iter 3/6" in first and "iter 4/6" not in first
@@ -104,18 +110,6 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert 2 <= it < 400
     state = json.loads((save / f"iter_{it:07d}/run_state.json").read_text())
     assert state["iteration"] == it and state["has_optimizer"]
-
-
-def test_keep_last_and_exit_duration(tmp_path):
-    save = tmp_path / "ckpt"
-    out = run(["--save", str(save), "--save-interval", "1", "--keep-last", "2"])
-    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000005", "iter_0000006"]
-    assert "iter 6/6" in out
-    out = run(
-        ["--save", str(tmp_path / "d"), "--exit-duration-in-mins", "0", "--train-iters", "50"]
-    )
-    assert "--exit-duration-in-mins 0.0 reached" in out
-    assert (tmp_path / "d/latest_checkpointed_iteration.txt").read_text().strip() == "1"
 
 
 def test_resume_at_another_layout_with_the_distributed_optimizer(tmp_path):
