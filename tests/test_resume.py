@@ -1,6 +1,7 @@
 """Checkpoint/resume behaviour that a requeued job relies on (part of the fault-tolerance issue):
 the same command resumes from --save, resumed losses equal an uninterrupted run bit for bit,
-SIGTERM checkpoints at the next iteration and exits 0, --keep-last, --exit-duration-in-mins.
+SIGTERM checkpoints at the next iteration and exits 0, --keep-last (--exit-duration-in-mins:
+test_slurm.py's test_stop_checkpoint_then_requeue_without_scontrol_exits_0).
 On varied data (``tests/data/varied_pretok.jsonl``: lengths 1..16, non-unit weights; 24 pairs, so
 global batches of 16 straddle epochs)."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,7 +75,12 @@ def test_requeued_run_continues_bit_identically(tmp_path):
     """In bf16 (the GPU default): the checkpoint must hold the fp32 main params, not only the
     bf16 weights, for the resumed updates to be bit-identical."""
     bf16 = ["--precision", "bf16"]
-    run([*bf16, "--tensorboard-dir", str(tmp_path / "tb_a"), "--save", str(tmp_path / "a")])
+    # The uninterrupted run also checks --keep-last: saved every iteration, the last 2 stay.
+    a = [*bf16, "--tensorboard-dir", str(tmp_path / "tb_a"), "--save", str(tmp_path / "a")]
+    out = run([*a, "--save-interval", "1", "--keep-last", "2"])
+    assert "iter 6/6" in out
+    kept = sorted(p.name for p in (tmp_path / "a").glob("iter_*"))
+    assert kept == ["iter_0000005", "iter_0000006"]
     b = [*bf16, "--tensorboard-dir", str(tmp_path / "tb_b"), "--save", str(tmp_path / "b")]
     first = run([*b, "--exit-interval", "3"])
     assert "iter 3/6" in first and "iter 4/6" not in first
@@ -106,33 +113,28 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert state["iteration"] == it and state["has_optimizer"]
 
 
-def test_keep_last_and_exit_duration(tmp_path):
-    save = tmp_path / "ckpt"
-    out = run(["--save", str(save), "--save-interval", "1", "--keep-last", "2"])
-    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000005", "iter_0000006"]
-    assert "iter 6/6" in out
-    out = run(
-        ["--save", str(tmp_path / "d"), "--exit-duration-in-mins", "0", "--train-iters", "50"]
-    )
-    assert "--exit-duration-in-mins 0.0 reached" in out
-    assert (tmp_path / "d/latest_checkpointed_iteration.txt").read_text().strip() == "1"
-
-
 def test_resume_at_another_layout_with_the_distributed_optimizer(tmp_path):
     """Saved at TP2xPP2, resumed at TP2xDP2 (the optimizer state resharded over DP)."""
     common = [*BASE, "--adam-eps", "1e-3", "--use-distributed-optimizer"]
     common += ["--tensor-model-parallel-size", "2"]
     pp2 = [*common, "--pipeline-model-parallel-size", "2"]
-    r = torchrun(4, [*pp2, "--tensorboard-dir", str(tmp_path / "tb_a")])
+    # The uninterrupted run saves at 3 and 6; rewound to 3 (iteration 6's checkpoint removed:
+    # what a job stopped after iteration 3's save leaves; the stop itself, bit-identical to an
+    # uninterrupted run, is test_requeued_run_continues_bit_identically's), the same --save
+    # resumes at another layout. One 4-rank launch fewer than a separate stopped run.
+    ckpt = tmp_path / "ckpt"
+    save = ["--save", str(ckpt), "--save-interval", "3"]
+    r = torchrun(4, [*pp2, *save, "--tensorboard-dir", str(tmp_path / "tb_a")])
     assert r.returncode == 0, r.stderr[-3000:]
-    save = ["--save", str(tmp_path / "ckpt"), "--tensorboard-dir", str(tmp_path / "tb_b")]
-    r = torchrun(4, [*pp2, *save, "--exit-interval", "3"])
+    assert (ckpt / "iter_0000003/run_state.json").is_file()
+    shutil.rmtree(ckpt / "iter_0000006")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
+    r = torchrun(4, [*common, *save, "--tensorboard-dir", str(tmp_path / "tb_b")])  # TP2 x DP2
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(4, [*common, *save])  # TP2 x DP2 now
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming" in r.stdout and "iter 4/6" in r.stdout
+    assert "resuming" in r.stdout and "(iteration 3)" in r.stdout and "iter 4/6" in r.stdout
+    assert "iter 3/6" not in r.stdout
     a, b = losses(tmp_path / "tb_a"), losses(tmp_path / "tb_b")
-    assert [a[i] for i in (1, 2, 3)] == [b[i] for i in (1, 2, 3)]  # same layout so far
+    assert sorted(b) == [4, 5, 6]
     # Another layout sums in another order: the layout matrix measures <= 6e-7 on these losses
     # (~1.3) from equal weights; adam_eps 1e-3 keeps the update Lipschitz in the gradient so
     # rounding does not flip lr*sign(g). 1e-4 leaves room for 3 steps of that; a resume that
