@@ -5,9 +5,8 @@
 #   make gpu-wheels                        # once, where pip reaches an index: benchmarks/wheels
 #   bash benchmarks/gpu_check.sh OUT_DIR   # on the GPU machine, with benchmarks/wheels carried
 #
-# Stages, each under its own timeout (T_SETUP + T_TESTS + T_PROBE + T_THD + T_SLICE = 335 s by
-# default;
-# a stage that ignores SIGTERM is killed 5 s later: 355 s at worst),
+# Stages, each under its own timeout (T_SETUP + T_TESTS + T_MOE + T_PROBE + T_THD + T_SLICE =
+# 355 s by default; a stage that ignores SIGTERM is killed 5 s later: 385 s at worst),
 # stdout and stderr of each in OUT_DIR/<stage>.log:
 #   setup       install the carried wheels (pip --no-index --no-deps --target $GPU_CHECK_SITE,
 #               put on PYTHONPATH) and report the environment (benchmarks/gpu_env.py): versions,
@@ -15,6 +14,10 @@
 #   cuda_tests  tests/test_cuda.py: bf16 and fp32 steps vs an fp32 CPU reference (a process
 #               with CUDA hidden, gloo), SDPA vs local, the fused head, packing, CLI save/resume;
 #               with Transformer Engine also TE padded, TE packed as THD sequences, the defaults
+#   moe_tests   tests/test_cuda.py -k moe (Transformer Engine): tiny Mixtral- and Qwen3-MoE-like
+#               models, experts as TE's grouped GEMM (TEGroupedMLP) vs a SequentialMLP, same
+#               weights, fp32 and bf16: losses, moe/aux_loss, gradients, checkpoint layout; EP2
+#               where two GPUs are visible
 #   sdpa_probe  benchmarks/probe_sdpa_kernels.py: the SDPA kernel (flash / efficient / cuDNN /
 #               math) that padded and packed attention get, at Llama-3-8B shapes
 #   thd         benchmarks/bench_thd.py: seconds per step of TE padded vs TE packed as THD vs
@@ -30,7 +33,8 @@
 # WHEELS (default benchmarks/wheels; empty or absent: the environment is used as it is),
 # GPU_CHECK_SITE (install target, default $TMPDIR/gpu_check_site: outside OUT_DIR),
 # GPU_CHECK_REQUIRE (modules that must import, default benchmarks/gpu_env.py's list),
-# T_SETUP, T_TESTS, T_PROBE, T_THD, T_SLICE (seconds).
+# GPU_CHECK_STAGES (the stages to run, e.g. "setup moe_tests"; default all: the rest are skipped),
+# T_SETUP, T_TESTS, T_MOE, T_PROBE, T_THD, T_SLICE (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 REPO=$PWD
@@ -40,9 +44,10 @@ GPU_CHECK_SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu_check_site}
 PY=${PY:-$([[ -x .venv/bin/python ]] && echo "$REPO/.venv/bin/python" || echo python3)}
 T_SETUP=${T_SETUP:-30}
 T_TESTS=${T_TESTS:-100}
+T_MOE=${T_MOE:-40}
 T_PROBE=${T_PROBE:-25}
 T_THD=${T_THD:-60}
-T_SLICE=${T_SLICE:-120}
+T_SLICE=${T_SLICE:-100}
 mkdir -p "$OUT_DIR" || exit 1
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 export PYTHONPATH="$GPU_CHECK_SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -66,6 +71,10 @@ stage() {
     shift 3
     if [[ -n $BLOCKED ]]; then
         record "$name" "skipped ($BLOCKED)" 0
+        return
+    fi
+    if [[ -n ${GPU_CHECK_STAGES:-} && " $GPU_CHECK_STAGES " != *" $name "* ]]; then
+        record "$name" "skipped (not selected)" 0
         return
     fi
     if [[ $needs_cuda == 1 && $HAVE_CUDA != 1 && -z ${GPU_CHECK_ALLOW_CPU:-} ]]; then
@@ -125,7 +134,9 @@ else
 fi
 
 stage setup "$T_SETUP" 0 bash -c setup
-stage cuda_tests "$T_TESTS" 1 "$PY" -m pytest -v -rA -p no:cacheprovider tests/test_cuda.py
+stage cuda_tests "$T_TESTS" 1 "$PY" -m pytest -v -rA -p no:cacheprovider tests/test_cuda.py \
+    -k "not moe"
+stage moe_tests "$T_MOE" 1 "$PY" -m pytest -v -rA -p no:cacheprovider tests/test_cuda.py -k moe
 stage sdpa_probe "$T_PROBE" 1 "$PY" benchmarks/probe_sdpa_kernels.py "${TINY[@]}" \
     --json "$OUT_DIR/sdpa_probe.json"
 # Three runs; each gets a third of the stage (less 5 s for the table).
@@ -140,11 +151,11 @@ stage slice "$T_SLICE" 1 "$PY" benchmarks/bench_gpu_slice.py "${TINY[@]}" \
     for i in "${!NAMES[@]}"; do
         printf '%-12s %-40s %s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
     done
-    for name in cuda_tests sdpa_probe thd slice; do
+    for name in cuda_tests moe_tests sdpa_probe thd slice; do
         [[ -s $OUT_DIR/$name.log ]] || continue
         echo
         echo "-- $name"
-        if [[ $name == cuda_tests ]]; then
+        if [[ $name == *_tests ]]; then
             grep -E '^(PASSED|FAILED|ERROR|SKIPPED)|^=+ .*(passed|failed|skipped|error)' \
                 "$OUT_DIR/$name.log"
         else

@@ -22,9 +22,18 @@ from typing import Any, Literal
 
 from megatron_simpo import families
 from megatron_simpo.errors import ConfigError
+from megatron_simpo.families.base import LAYER_OPTIONS
 
 #: The ``ModelConfig`` fields of mixture-of-experts models (not written for dense ones).
-MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob")
+MOE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "shared_expert_intermediate_size",
+)
+#: MoE fields that are left out of an exported ``config.json`` when None.
+_OPTIONAL_MOE_FIELDS = ("moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 @dataclass
@@ -33,7 +42,8 @@ class ModelConfig:
 
     model_type: str = "llama"
     """HF family, one of megatron_simpo/families: 'llama' (Llama 2/3/3.1/3.2), 'mistral' (no
-    sliding window), 'qwen2', 'qwen3' (dense)."""
+    sliding window), 'qwen2', 'qwen3' (dense), 'mixtral', 'qwen3_moe', 'qwen2_moe' (mixture of
+    experts)."""
     qkv_bias: bool = False
     """Biases on the query/key/value projections (Qwen2; set from the family at import)."""
     qk_layernorm: bool = False
@@ -50,6 +60,12 @@ class ModelConfig:
     norm_topk_prob: bool = True
     """Mixture of experts: renormalise the k selected router probabilities to sum to 1 (Mixtral
     always; Qwen3-MoE's config field); false keeps the softmax over all experts."""
+    shared_expert_intermediate_size: int | None = None
+    """Mixture of experts: width of the shared expert, a SwiGLU MLP every token goes through
+    besides its routed experts (Qwen2-MoE); None: no shared expert."""
+    shared_expert_gate: bool = False
+    """The shared expert's output scaled by ``sigmoid(x . w)``, ``w`` a learnt ``[hidden]``
+    vector (Qwen2-MoE's ``shared_expert_gate``; set from the family at import)."""
     vocab_size: int = 256
     """Number of real tokens in the vocabulary (before padding for tensor parallelism)."""
     hidden_size: int = 64
@@ -133,11 +149,10 @@ class ModelConfig:
         out.update(family.hf_fixed)
         back = {v: k for k, v in family.renames.items()}
         # Layer options are the family's, not HF config fields.
-        skip = {"make_vocab_size_divisible_by", "qkv_bias", "qk_layernorm", *family.moe_fixed}
+        skip = {"make_vocab_size_divisible_by", *LAYER_OPTIONS, *family.moe_fixed}
         if self.num_experts is None:
             skip |= set(MOE_FIELDS)
-        elif self.moe_intermediate_size is None:
-            skip.add("moe_intermediate_size")
+        skip |= {f for f in _OPTIONAL_MOE_FIELDS if getattr(self, f) is None}
         for f in fields(self):
             if f.name not in skip:
                 out[back.get(f.name, f.name)] = getattr(self, f.name)
@@ -656,6 +671,13 @@ class RunConfig:
             raise ConfigError(
                 f"--expert-tensor-parallel-size {etp} must divide the expert MLP width "
                 f"({m.expert_ffn_size})"
+            )
+        shared = m.shared_expert_intermediate_size
+        if shared is not None and shared % p.tensor_model_parallel_size:
+            # The shared expert is a dense MLP: split over TP like the attention, not ETP.
+            raise ConfigError(
+                f"--tensor-model-parallel-size {p.tensor_model_parallel_size} must divide "
+                f"shared_expert_intermediate_size ({shared})"
             )
         if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
             # Megatron-Core's MoELayer refuses to train so (moe_layer.py, "performance may

@@ -27,7 +27,10 @@ computed, see ``flops.py``), ``tflops_per_gpu`` and ``mfu`` (when the peak is kn
 ``--peak-tflops`` or a detected A100/H100/H200), ``loss_scale`` (fp16: the dynamic loss
 scale of the next iteration), ``moe/aux_loss`` (mixture of experts with --moe-aux-loss-coeff > 0:
 the router load-balancing loss summed over MoE layers, mean over micro-batches; the objective's
-gradient includes coeff x it, ``loss`` does not). With a held-out set, every
+gradient includes coeff x it, ``loss`` does not; unscaled by coeff),
+``moe/max_expert_load_fraction`` (mixture of experts, any coeff: in the most imbalanced MoE layer,
+the busiest expert's share of the step's routed token slots, 1/num_experts when balanced).
+With a held-out set, every
 ``--eval-interval``: the same objective metrics with an ``eval/`` prefix and ``eval/num_pairs``;
 every ``--gen-interval``: the generation probe's ``gen/`` metrics (texts go to TensorBoard text
 ``gen/texts``). Drift alarms go to the log and to TensorBoard text ``alarms``; the config is

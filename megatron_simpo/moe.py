@@ -14,6 +14,13 @@ the fraction routed to expert ``i``, ``P_i`` its mean router probability). Its g
 the router through Megatron's ``MoEAuxLossAutoScaler``; here the objective gains
 ``coeff * mean over micro-batches of (sum over layers of aux_loss)``, whatever the layout (the
 pair-count normalisation of the preference loss is undone for it, :func:`prepare_routers`).
+
+At ``--moe-aux-loss-coeff 0`` Megatron-Core computes no aux loss at all (``Router.routing``
+calls it only when ``is_aux_loss_enabled()``, and ``_apply_aux_loss`` returns at coefficient 0:
+megatron-core 0.16.1 ``transformer/moe/router.py:598`` and ``:284``), so its value cannot be
+logged without adding it to the objective. Instead every run logs the expert balance it can
+measure for free, ``moe/max_expert_load_fraction`` (:func:`expert_load_metrics`), from the
+routing decisions a forward hook on each router sees.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ def transformer_fields(cfg: RunConfig, grouped_gemm: bool) -> dict:
         "num_moe_experts": m.num_experts,
         "moe_router_topk": m.num_experts_per_tok,
         "moe_ffn_hidden_size": m.expert_ffn_size,
+        # Qwen2-MoE: SharedExpertMLP, its output x sigmoid(x @ gate_weight^T) when gated.
+        "moe_shared_expert_intermediate_size": m.shared_expert_intermediate_size,
+        "moe_shared_expert_gate": m.shared_expert_gate,
         "moe_router_score_function": "softmax",
         # False: softmax over the k largest logits = softmax then top-k then renormalise
         # (Mixtral, Qwen3-MoE's norm_topk_prob); True: top-k of the full softmax, as is.
@@ -78,6 +88,75 @@ def prepare_routers(chunks: list[torch.nn.Module]) -> None:
         for module in chunk.modules():
             if isinstance(module, Router):
                 module.calculate_per_token_loss = False
+                module.register_forward_hook(_count_expert_load)
+
+
+def _count_expert_load(router, args: tuple, output: tuple) -> None:
+    """Adds the routing decisions of a training forward to ``router.expert_load`` (tokens per
+    expert ``[experts]``, padding left out; on the device, no host sync)."""
+    if not (router.training and torch.is_grad_enabled()):
+        return  # evaluation, the generation probe
+    routing_map = output[1]  # [tokens, experts] bool, tokens in the router's (s, b) order
+    padding = args[1] if len(args) > 1 else None  # [s, b], True at padding
+    if padding is not None:
+        routing_map = routing_map & ~padding.reshape(-1, 1)
+    counts = routing_map.sum(0, dtype=torch.float32)
+    load = getattr(router, "expert_load", None)
+    router.expert_load = counts if load is None else load + counts
+
+
+def reset_expert_load(model: list) -> None:
+    """Forgets the routing counts of forwards before the step (any forward with gradients in
+    training mode adds to them, as to Megatron's aux-loss record)."""
+    from megatron.core.transformer.moe.router import Router
+
+    for chunk in model:
+        for module in chunk.modules():
+            if isinstance(module, Router):
+                module.expert_load = None
+
+
+def expert_load_metrics(model: list, config) -> dict[str, float]:
+    """``moe/max_expert_load_fraction``: in the most imbalanced MoE layer, the busiest expert's
+    share of the step's routed token slots (``max_e n_e / sum_e n_e`` over the step's training
+    forwards, all ranks' tokens, padding left out): ``1 / num_experts`` when perfectly balanced,
+    at most ``1 / top_k`` (every token on the same k experts). Logged at any
+    ``--moe-aux-loss-coeff`` (activation recompute counts a layer's tokens twice, which leaves the
+    share as it is); zeroes the counts. Collective over the pipeline, tensor (sequence-parallel
+    token shards) and data-parallel groups; {} for a dense model.
+
+    Args:
+        model: this rank's model chunks.
+        config: the model's Megatron-Core ``TransformerConfig``.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.router import Router
+
+    if not config.num_moe_experts:
+        return {}
+    counts = None
+    for chunk in model:
+        for module in chunk.modules():
+            if isinstance(module, Router) and getattr(module, "expert_load", None) is not None:
+                if counts is None:  # [layers, experts]: each stage fills its own layers
+                    counts = module.expert_load.new_zeros(config.num_layers, config.num_moe_experts)
+                counts[module.layer_number - 1] += module.expert_load
+                module.expert_load = None
+    if counts is None:
+        counts = torch.zeros(config.num_layers, config.num_moe_experts)
+        counts = counts.to(next(model[0].parameters()).device)
+    counts = counts.double()
+    groups = [ps.get_pipeline_model_parallel_group(), ps.get_data_parallel_group()]
+    if config.sequence_parallel:  # the TP ranks route disjoint token shards
+        groups.append(ps.get_tensor_model_parallel_group())
+    for group in groups:
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(counts, group=group)
+    total = counts.sum(1)
+    share = counts.max(1).values / total.clamp(min=1)
+    if not bool((total > 0).any()):
+        return {}
+    return {"moe/max_expert_load_fraction": float(share.max())}
 
 
 def _tracker_values() -> tuple[torch.Tensor | None, object]:

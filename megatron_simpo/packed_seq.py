@@ -13,13 +13,19 @@ branch attends to the prompt *before* the chosen branch, which no causal span al
 The rows of :func:`megatron_simpo.data.packing.collate_packed` are flattened row after row: each
 segment of a row is one sequence, and a row's trailing padding is one more (its tokens are never
 scored; a span of its own keeps every softmax row non-empty and ``cu_seqlens[-1] == t``, so no
-``cu_seqlens_*_padded`` is needed). ``t = rows * s`` keeps the shapes pipeline stages exchange
-(``[s * rows, 1, h]`` instead of ``[s, rows, h]``); ``s`` is already a multiple of the TP size
-under sequence parallelism, as the sequence split needs. All of it is computed on the host from
-the CPU batch, so ``max_seqlen`` (a Python int TE wants) costs no device synchronisation.
+``cu_seqlens_*_padded`` is needed). Under pipeline parallelism ``t = rows * s`` keeps the shapes
+pipeline stages exchange (``[s * rows, 1, h]`` instead of ``[s, rows, h]``); ``s`` is already a
+multiple of the TP size under sequence parallelism, as the sequence split needs. Without it
+(PP1, :func:`thd_batch` with ``pad_multiple``) the rows' trailing padding is dropped: the stream
+holds the real tokens, then one padding span up to a multiple of ``pad_multiple`` (64 and the
+TP size: :func:`stream_multiple`), never longer than ``rows * s``. All of it is computed on the
+host from the CPU batch, so ``max_seqlen`` (a Python int TE wants) costs no device
+synchronisation.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -70,16 +76,80 @@ def flatten_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.reshape(1, -1) if k in ROW_KEYS else v) for k, v in batch.items()}
 
 
-def thd_batch(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], object]:
-    """A packed micro-batch (on the host) as one THD stream and its ``PackedSeqParams``.
+#: What the dropped padding's tail is filled with (never scored; its own causal span).
+_TAIL = {"seq_index": -1}
+
+
+def stream_multiple(tensor_parallel: int) -> int:
+    """What the THD stream's length is rounded up to without pipeline parallelism: 64 (tile
+    sizes of the fused kernels and the GEMMs) and the TP size (sequence parallelism splits the
+    stream over the TP ranks)."""
+    return math.lcm(64, tensor_parallel)
+
+
+def trimmed_stream(
+    segment_ids: torch.Tensor, pad_multiple: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' real tokens as one stream, their trailing padding dropped.
+
+    Args:
+        segment_ids: ``[rows, s]`` (0: padding, at the end of a row).
+        pad_multiple: the stream is padded (one span of its own) to a multiple of this, capped
+            at ``rows * s``.
 
     Returns:
-        The flattened batch (:func:`flatten_rows`) and Megatron-Core's ``PackedSeqParams`` with
-        ``cu_seqlens`` on the CPU (the caller moves them with the batch: :func:`to_device`).
+        ``index`` ``[n]`` of the real tokens in the flattened rows, and ``cu_seqlens``
+        ``[sequences + 1]`` int32 of the stream of ``t >= n`` tokens (``cu_seqlens[-1] == t``).
+    """
+    rows, s = segment_ids.shape
+    starts = torch.ones(rows, s, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # a row start starts a sequence
+    keep = (segment_ids != 0).flatten()
+    index = keep.nonzero().flatten()
+    n = index.numel()
+    t = min(-(-n // pad_multiple) * pad_multiple, rows * s)
+    first = starts.flatten()[index].nonzero().flatten()
+    ends = [n, t] if t > n else [n]
+    return index, torch.cat([first, torch.tensor(ends)]).to(torch.int32)
+
+
+def _trim(flat: dict[str, torch.Tensor], index: torch.Tensor, t: int) -> dict:
+    """The flattened ``[1, rows * s]`` tensors at ``index``, then a padding tail to ``t``."""
+    out = {}
+    for k, v in flat.items():
+        if k not in ROW_KEYS:
+            out[k] = v
+            continue
+        pad = t - index.numel()
+        tail = torch.arange(pad) if k == "position_ids" else torch.full((pad,), _TAIL.get(k, 0))
+        out[k] = torch.cat([v[0, index], tail.to(v.dtype)]).unsqueeze(0)
+    return out
+
+
+def thd_batch(
+    batch: dict[str, torch.Tensor], pad_multiple: int | None = None
+) -> tuple[dict[str, torch.Tensor], object]:
+    """A packed micro-batch (on the host) as one THD stream and its ``PackedSeqParams``.
+
+    Args:
+        pad_multiple: None: the stream is the ``rows * s`` flattened rows (the fixed shapes
+            pipeline stages exchange); else the rows' trailing padding is dropped and the stream
+            padded to a multiple of it (:func:`trimmed_stream`).
+
+    Returns:
+        The flattened batch (:func:`flatten_rows`, ``[1, t]``) and Megatron-Core's
+        ``PackedSeqParams`` with ``cu_seqlens`` on the CPU (the caller moves them with the
+        batch: :func:`to_device`).
     """
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    cu, longest = cu_seqlens_from(batch["segment_ids"])
+    if pad_multiple is None:
+        cu, longest = cu_seqlens_from(batch["segment_ids"])
+        flat = flatten_rows(batch)
+    else:
+        index, cu = trimmed_stream(batch["segment_ids"], pad_multiple)
+        longest = int((cu[1:] - cu[:-1]).max())
+        flat = _trim(flatten_rows(batch), index, int(cu[-1]))
     params = PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,
@@ -87,7 +157,7 @@ def thd_batch(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
         max_seqlen_q=longest,
         max_seqlen_kv=longest,
     )
-    return flatten_rows(batch), params
+    return flat, params
 
 
 def to_device(params, device: torch.device):

@@ -40,8 +40,13 @@ def make_forward_step(loss_cfg: LossConfig, vocab_size: int):
         head = core if isinstance(core, HiddenStatesGPTModel) else None
         if "segment_ids" in batch and thd_packed(model):
             # Transformer Engine: the rows as one stream of THD sequences (packed_seq.py),
-            # cu_seqlens from the host batch.
-            batch, params = packed_seq.thd_batch(batch)
+            # cu_seqlens from the host batch; without pipeline stages to keep shapes for, the
+            # rows' trailing padding is dropped.
+            c = core.config
+            pad = None
+            if c.pipeline_model_parallel_size == 1:
+                pad = packed_seq.stream_multiple(c.tensor_model_parallel_size)
+            batch, params = packed_seq.thd_batch(batch, pad)
             batch = _to_device(_with_scored_index(batch, core, head), device)
             params = packed_seq.to_device(params, device)
             output = model(
@@ -136,7 +141,7 @@ def train_step(
 ) -> dict[str, float]:
     """Forward, backward, optimizer step; returns the reduced metrics, ``grad_norm``, ``lr``,
     ``update_ok``, with fp16's dynamic loss scaling ``loss_scale`` and for a mixture of experts
-    with an aux loss ``moe/aux_loss``.
+    ``moe/max_expert_load_fraction`` (and ``moe/aux_loss`` with an aux loss).
 
     ``after_backward`` runs once gradients are final (reduced over DP, divided by the global
     pair count) and before the optimizer touches them (tests use it to export gradients).
@@ -147,8 +152,10 @@ def train_step(
     config = unwrap(model[0]).config
     if config.num_moe_experts:
         moe.reset_aux_loss()
+        moe.reset_expert_load(model)
     reports = run_forward_backward(model, micro_batches, seq_len, loss_cfg, vocab_size)
     aux = moe.aux_loss_metrics(config, len(micro_batches))  # before anything else runs forward
+    aux |= moe.expert_load_metrics(model, config)
     if after_backward is not None:
         after_backward()
     metrics = reduce_reports(reports, loss_cfg) | aux

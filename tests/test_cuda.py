@@ -15,16 +15,24 @@ rounding; SDPA matches local attention; the fused head matches the materialised 
 match padded ones — each on the GPU kernels. Also: the vocab-parallel log-probs on CUDA, and the
 real entry point (``train`` under torchrun, bf16) saving a checkpoint and resuming from it.
 
+Mixture of experts (Transformer Engine only): a tiny Mixtral-like and Qwen3-MoE-like model
+(``MOE_MODELS``) trained with the experts as TE's grouped GEMM (``TEGroupedMLP``, what
+``model.use_grouped_gemm`` picks with TE and CUDA) against a ``SequentialMLP`` of TE linears
+(the same TE spec, ``moe_grouped_gemm`` off), same weights, fp32 and bf16; at EP2 too where two
+GPUs are visible (torchrun, NCCL all-to-all).
+
 The module doubles as the worker script: ``python tests/test_cuda.py OUT DATA VARIANT...``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +87,9 @@ TE = {**SDPA, "attention_backend": "te"}
 TE_VARIANTS = {
     "bf16_te": {"precision": "bf16", **TE},
     "bf16_te_thd": {"precision": "bf16", **TE, "pack_pairs": True},
+    # PP1 drops the rows' trailing padding from the THD stream; padded to 16 instead of 64 here
+    # so that these short micro-batches really get shorter streams (train_variant).
+    "bf16_te_thd_trim16": {"precision": "bf16", **TE, "pack_pairs": True},
     "bf16_defaults": {"precision": "bf16"},
 }
 if HAVE_TE:
@@ -88,6 +99,30 @@ FLEX = {**SDPA, "attention_backend": "flex", "prefix_sharing": True}
 VARIANTS["fp32_flex_prefix"] = {"precision": "fp32", **FLEX}
 VARIANTS["bf16_flex_prefix"] = {"precision": "bf16", **FLEX}
 SCALARS = ("loss", "logps/chosen", "logps/rejected", "rewards/margins")
+
+#: Mixture-of-experts variants (run where TE is installed): model overrides of ``MODEL`` per
+#: family: 4 experts, top-2, expert width != hidden; Qwen3-MoE-like with per-head QK norms and the
+#: unnormalised top-k (norm_topk_prob False), Mixtral-like with the renormalised one.
+MOE_MODELS = {
+    "mixtral": {"model_type": "mixtral", "num_experts": 4, "intermediate_size": 48},
+    "qwen3_moe": {
+        "model_type": "qwen3_moe",
+        "num_experts": 4,
+        "moe_intermediate_size": 32,
+        "qk_layernorm": True,
+        "norm_topk_prob": False,
+    },
+}
+#: moe_<family>_<precision>_<experts>[_ep2]: ``grouped`` = TEGroupedMLP, ``seq`` = SequentialMLP.
+#: The aux loss is on (coeff 0.01) so that its gradient through the router is compared as well.
+MOE_TRAIN = {**TE, "moe_aux_loss_coeff": 0.01}
+MOE_VARIANTS = {
+    f"moe_{family}_{precision}_{experts}": {"precision": precision, **MOE_TRAIN}
+    for family in MOE_MODELS
+    for precision in ("fp32", "bf16")
+    for experts in ("grouped", "seq")
+}
+MOE_EP2 = ["moe_mixtral_bf16_grouped_ep2"]  # torchrun, 2 ranks: EP2 (DP2 for the dense part)
 
 
 def write_pairs(path: Path, n: int = 64, seed: int = 0) -> None:
@@ -115,12 +150,60 @@ def local_name(name: str) -> str:
     return name.replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
 
 
+def moe_family(name: str) -> str | None:
+    """The MoE family of a variant name (``moe_<family>_...``), None for the dense variants."""
+    return next((f for f in MOE_MODELS if name.startswith(f"moe_{f}_")), None)
+
+
+def canonical_name(name: str, expert_offset: int = 0) -> str:
+    """A parameter's name in the local spec with a ``SequentialMLP`` at EP1: :func:`local_name`,
+    and TE's grouped GEMM's ``mlp.experts.linear_fc1.weight{i}`` (one parameter per local expert)
+    as ``mlp.experts.local_experts.{offset + i}.linear_fc1.weight`` (``expert_offset``: the first
+    global expert of this expert-parallel rank; SequentialMLP's local index likewise)."""
+    name = local_name(name)
+    m = re.search(r"\.mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$", name)
+    if m:
+        fc, kind, i = m.groups()
+        i = expert_offset + int(i)
+        return name[: m.start()] + f".mlp.experts.local_experts.{i}.{fc}.{kind}"
+    m = re.search(r"\.mlp\.experts\.local_experts\.(\d+)\.", name)
+    if m:
+        i = expert_offset + int(m.group(1))
+        return name[: m.start()] + f".mlp.experts.local_experts.{i}." + name[m.end() :]
+    return name
+
+
+def checkpoint_layout(model: list) -> list[tuple]:
+    """What a distributed checkpoint of ``model`` holds: (key, global shape, global offset) of
+    every tensor shard, factories (e.g. the SwiGLU fc1 split) built, extra state left out. Import
+    writes, and export reads, the keys of a local-spec ``SequentialMLP`` model
+    (convert/common.py)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from megatron_simpo.model import unwrap
+
+    out = set()
+    for chunk in model:
+        sd = unwrap(chunk).sharded_state_dict()
+        apply_factories(sd)
+        out |= {
+            (t.key, tuple(t.global_shape), tuple(t.global_offset))
+            for t in nested_values(sd)
+            if isinstance(t, ShardedTensor)
+        }
+    return sorted(out)
+
+
 def _config(name: str, data: str):
     from megatron_simpo.config import RunConfig
 
+    family = moe_family(name)
+    train = MOE_VARIANTS[name.removesuffix("_ep2")] if family else VARIANTS[name]
     return RunConfig.from_dict(
         {
-            "model": MODEL,
+            "model": {**MODEL, **MOE_MODELS[family]} if family else MODEL,
+            "parallel": {"expert_model_parallel_size": 2 if name.endswith("_ep2") else 1},
             "loss": {"beta": 2.0, "gamma_beta_ratio": 0.5},
             "optim": {"lr": 3e-3, "lr_warmup_iters": 0, "clip_grad": 1.0},
             "train": {
@@ -129,7 +212,7 @@ def _config(name: str, data: str):
                 "global_batch_size": 16,
                 "train_iters": STEPS,
                 "seed": 1234,
-                **VARIANTS[name],
+                **train,
             },
             "data": {"data_path": data, "data_schema": "pretokenized"},
         }
@@ -137,17 +220,51 @@ def _config(name: str, data: str):
 
 
 def train_variant(name: str, data: str, out: Path) -> None:
-    """``STEPS`` steps of one variant from ``out/init.pt`` (written by the first run when absent);
-    metrics of every step and the step-1 gradients go to ``out/NAME.pt``."""
-    from megatron_simpo import parallel
+    """``STEPS`` steps of one variant from ``out/init.pt`` (``init_<family>.pt`` for a MoE
+    variant; written by the first run when absent); metrics of every step and the step-1
+    gradients go to ``out/NAME.pt`` (from the first rank; at EP2 its experts only)."""
+    from unittest import mock
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_simpo import model as model_mod
+    from megatron_simpo import packed_seq, parallel
     from megatron_simpo.train import Trainer
 
-    trainer = Trainer(_config(name, data))
-    trainer.setup()
-    params = {local_name(n): p for chunk in trainer.model for n, p in chunk.named_parameters()}
-    init = out / "init.pt"
+    family = moe_family(name)
+    # SequentialMLP on the TE spec: what the builder picks without grouped GEMM.
+    grouped = not (family and "_seq" in name)
+    no_grouped = mock.patch.object(model_mod, "use_grouped_gemm", lambda cfg: False)
+    with contextlib.nullcontext() if grouped else no_grouped:
+        trainer = Trainer(_config(name, data))
+        trainer.setup()
+    streams: list[tuple[int, int]] = []  # THD: (stream length, rows * s) per micro-batch
+    real_thd_batch = packed_seq.thd_batch
+
+    def thd_batch(batch, pad_multiple=None):
+        out = real_thd_batch(batch, pad_multiple)
+        streams.append((out[0]["tokens"].shape[1], batch["tokens"].numel()))
+        return out
+
+    patches = [mock.patch.object(packed_seq, "thd_batch", thd_batch)]
+    if name.endswith("_trim16"):
+        patches.append(mock.patch.object(packed_seq, "stream_multiple", lambda tp: 16))
+    offset = 0
+    if family:
+        kinds = {type(m).__name__ for c in trainer.model for m in c.modules()}
+        kind = kinds & {"TEGroupedMLP", "SequentialMLP", "GroupedMLP"}
+        assert kind == {"TEGroupedMLP" if grouped else "SequentialMLP"}, (name, kind)
+        n_local = MOE_MODELS[family]["num_experts"] // ps.get_expert_model_parallel_world_size()
+        offset = ps.get_expert_model_parallel_rank() * n_local
+    params = {
+        canonical_name(n, offset): p for chunk in trainer.model for n, p in chunk.named_parameters()
+    }
+    init = out / (f"init_{family}.pt" if family else "init.pt")
     if init.exists():
         weights = torch.load(init)
+        if ps.get_expert_model_parallel_world_size() > 1:  # this rank's experts only
+            weights = {n: w for n, w in weights.items() if n in params}
         assert weights.keys() == params.keys(), (name, set(weights) ^ set(params))
         with torch.no_grad():
             for n, p in params.items():
@@ -161,13 +278,21 @@ def train_variant(name: str, data: str, out: Path) -> None:
     def grab() -> None:
         grads.update({n: p.main_grad.detach().float().cpu().clone() for n, p in params.items()})
 
-    steps = [trainer.step(grab if i == 0 else None) for i in range(STEPS)]
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        steps = [trainer.step(grab if i == 0 else None) for i in range(STEPS)]
+    layout = checkpoint_layout(trainer.model) if family else None
     parallel.destroy_model_parallel()
     from megatron_simpo.model import attention_label
 
     record = {"device": device, "steps": steps, "grads": grads}
     record["attention"] = attention_label(trainer.cfg)
-    torch.save(record, out / f"{name}.pt")
+    record["thd_streams"] = streams
+    if family:
+        record["checkpoint_layout"] = layout
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(record, out / f"{name}.pt")
 
 
 def _worker(out: Path, data: str, names: list[str], cuda: bool) -> subprocess.CompletedProcess:
@@ -284,6 +409,20 @@ def test_te_thd_packing_matches_te_padded(runs):
 
 
 @needs_te
+def test_te_thd_without_trailing_padding_matches_te_padded(runs):
+    """PP1: the THD stream holds the real tokens and one padding span up to a multiple (16
+    here, 64 by default), not the rows' trailing padding; same bounds as THD packing (the sums
+    are the same, only the stream is shorter)."""
+    got = runs["bf16_te_thd_trim16"]
+    assert got["attention"] == "te/thd"
+    streams = got["thd_streams"]
+    assert streams and all(t % 16 == 0 or t == full for t, full in streams), streams
+    assert any(t < full for t, full in streams), streams
+    _check(got, runs["bf16_te"], **BF16)
+    _check(got, runs["bf16_te_thd"], **BF16)
+
+
+@needs_te
 def test_defaults_on_te_pack_as_thd_and_match_the_reference(runs):
     assert runs["bf16_defaults"]["attention"] == "te/thd"
     _check(runs["bf16_defaults"], runs["cpu_reference"], **BF16)
@@ -297,6 +436,68 @@ def test_flex_prefix_sharing_matches_padded_on_cuda(runs, precision):
     assert runs[f"{precision}_flex_prefix"]["attention"] == "flex/block"
     tol = FP32 if precision == "fp32" else BF16
     _check(runs[f"{precision}_flex_prefix"], runs[f"{precision}_sdpa"], **tol, fewer_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory) -> dict[str, dict]:
+    """Every MoE variant in one CUDA process (the first of each family writes its weights)."""
+    if not HAVE_TE:
+        pytest.skip("needs Transformer Engine (grouped GEMM experts)")
+    out = tmp_path_factory.mktemp("cuda_moe_runs")
+    data = out / "pairs.jsonl"
+    write_pairs(data)
+    _worker(out, str(data), list(MOE_VARIANTS), cuda=True)
+    res = {name: torch.load(out / f"{name}.pt") for name in MOE_VARIANTS}
+    res["_out"], res["_data"] = out, data
+    return res
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("family", list(MOE_MODELS))
+def test_moe_grouped_gemm_matches_sequential_mlp(moe_runs, family, precision):
+    """TE's grouped GEMM experts (``TEGroupedMLP``: one ``GroupedLinear`` of ``weight0..N``)
+    against a ``SequentialMLP`` of TE linears (one GEMM per expert), same TE attention, same
+    weights and data: losses, log-probs, ``moe/aux_loss`` and every gradient (the router's and
+    each expert's included), then the later steps.
+
+    fp32: FP32's bounds (the same products, summed in another order by cuBLAS' grouped kernel).
+    bf16: BF16's bounds. Both paths round the same inputs to bf16 and accumulate in fp32; what
+    differs is the order of the fp32 sums and hence which bf16 roundings of the expert outputs
+    happen (a few u, as for TE vs SDPA above). Those ~u differences reach the next layer's router
+    (also bf16) and may flip a near-tied top-2 choice for a token; one flipped token of the ~1,500
+    per step changes an expert's gradient by ~1/750 of a sum of O(1) terms, far below BF16's 1e-1
+    of the largest entry, while a wrong expert-to-weight mapping (``weight{i}`` loaded into
+    expert j) or routing weight moves every scalar by O(0.1)."""
+    tol = FP32 if precision == "fp32" else BF16
+    got = moe_runs[f"moe_{family}_{precision}_grouped"]
+    ref = moe_runs[f"moe_{family}_{precision}_seq"]
+    assert got["attention"] == ref["attention"] == "te"
+    assert any(".local_experts.3.linear_fc1." in n for n in got["grads"])
+    # One checkpoint for both: TEGroupedMLP's weight{i} are stored as SequentialMLP's experts.
+    assert got["checkpoint_layout"] == ref["checkpoint_layout"]
+    assert any("mlp.experts.experts.linear_fc1.weight" in k for k, *_ in got["checkpoint_layout"])
+    _check(got, ref, **tol)
+    for g, r in zip(got["steps"], ref["steps"]):
+        assert (
+            g["moe/aux_loss"] > 0
+            and abs(g["moe/aux_loss"] - r["moe/aux_loss"]) <= tol["scalar_atol"]
+        ), (g, r)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (EP2)")
+def test_moe_grouped_gemm_at_ep2_matches_ep1(moe_runs):
+    """EP2 (2 ranks, NCCL all-to-all; experts 0-1 on rank 0) with grouped GEMM against EP1 with
+    grouped GEMM, bf16: BF16's bounds (the experts see the same tokens; only the dense part's
+    data-parallel gradient reduce is added). Gradients compared on rank 0's parameters."""
+    out, data = moe_runs["_out"], moe_runs["_data"]
+    r = torchrun(2, [__file__, str(out), str(data), *MOE_EP2])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    got = torch.load(out / f"{MOE_EP2[0]}.pt")
+    ref = dict(moe_runs[MOE_EP2[0].removesuffix("_ep2")])
+    assert ".mlp.experts.local_experts.2.linear_fc1.weight" not in " ".join(got["grads"])
+    ref["grads"] = {n: g for n, g in ref["grads"].items() if n in got["grads"]}
+    assert len(ref["grads"]) == len(got["grads"])
+    _check(got, ref, **BF16)
 
 
 def test_cuda_vocab_parallel_logprobs_match_cpu():

@@ -1,6 +1,6 @@
 """Generation probe: greedy decoding by the Megatron policy equals ``transformers`` at TP1, TP2,
-PP2, TP2xPP2, PP2xVPP2, TP2+SP and TP2+SP with the fused loss head (one 4-rank world); probe
-metrics and helpers on hand-made inputs."""
+PP2, TP2xPP2, PP2xVPP2, TP2+SP and TP2+SP with the fused loss head, and for a tiny Mixtral at TP1
+and EP2 (one 4-rank world); probe metrics and helpers on hand-made inputs."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 TINY = REPO / "examples/tiny"
 LAYOUTS = ["tp1", "tp2", "pp2", "tp2_pp2", "pp2_vpp2", "tp2_sp", "tp2_sp_fused_head"]
+MOE_LAYOUTS = ["moe_tp1", "moe_ep2"]
 MAX_NEW = 8
 #: Smallest gap between the best and second-best logit that HF's greedy steps may have: Megatron
 #: and HF logits agree to ~1e-6 in fp32 (test_hf_parity: <2e-5), so a gap above 1e-3 cannot flip
@@ -94,10 +95,12 @@ def generated(tmp_path_factory, tiny_cfg):
                 pad_token_id=0,
             )
         ref_eos.append(out[0, len(p) :].tolist())
+    moe = moe_reference(root, prompts, long_prompt, eos, limit)
     spec = {
         "prompts": prompts,
         "long_prompt": long_prompt,
         "eos_id": stop_ids,
+        "moe_eos_id": moe["eos_id"],
         "max_new_tokens": MAX_NEW,
     }
     (root / "spec.json").write_text(json.dumps(spec))
@@ -113,12 +116,59 @@ def generated(tmp_path_factory, tiny_cfg):
             str(root / "spec.json"),
             "--out",
             str(root / "out.json"),
+            "--hf-moe",
+            str(moe["hf_dir"]),
             *LAYOUTS,
+            *MOE_LAYOUTS,
         ],
     )
     assert res.returncode == 0, res.stderr[-4000:]
     got = json.loads((root / "out.json").read_text())["layouts"]
-    return {"spec": spec, "ref_eos": ref_eos, "ref_no_eos": list(ref_no_eos), "got": got}
+    refs = {"ref_eos": ref_eos, "ref_no_eos": list(ref_no_eos)}
+    return {"spec": spec, **refs, "moe": moe, "got": got}
+
+
+def moe_reference(root, prompts: list, long_prompt: list, eos: int, limit: int) -> dict:
+    """A random tiny Mixtral (the tiny vocabulary; 2 layers, 4 experts, top-2, expert width 48)
+    and its greedy outputs. The router is randomised wide (std 0.5) so that routing is decisive;
+    seed 2: its top-2 logit gaps on these prompts are all above MIN_TOP2_GAP (0.02)."""
+    torch.manual_seed(2)
+    config = transformers.MixtralConfig(
+        vocab_size=30,
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=limit,
+        initializer_range=0.1,
+    )
+    hf = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "gate.weight" in n:
+                p.normal_(0, 0.5)
+    hf.save_pretrained(root / "random_mixtral")
+    no_eos, gaps = zip(*(hf_greedy(hf, p, MAX_NEW, limit) for p in prompts + [long_prompt]))
+    assert min(gaps) > MIN_TOP2_GAP, f"near-tie in the MoE reference: {min(gaps)}"
+    stop_ids = [eos, no_eos[0][3]]  # the 4th token of the first row: it stops early
+    with_eos = []
+    for p in prompts:
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=MAX_NEW,
+                eos_token_id=stop_ids,
+                pad_token_id=0,
+            )
+        with_eos.append(out[0, len(p) :].tolist())
+    assert min(len(r) for r in with_eos) < MAX_NEW
+    hf_dir = root / "random_mixtral"
+    return {"hf_dir": hf_dir, "eos_id": stop_ids, "eos": with_eos, "no_eos": no_eos}
 
 
 def test_reference_is_meaningful(generated):
@@ -135,6 +185,13 @@ def test_greedy_matches_transformers(generated, layout):
     got = generated["got"][layout]
     assert got["with_eos"] == generated["ref_eos"]
     assert got["no_eos"] == generated["ref_no_eos"]
+
+
+@pytest.mark.parametrize("layout", MOE_LAYOUTS)
+def test_moe_greedy_matches_transformers(generated, layout):
+    got, moe = generated["got"][layout], generated["moe"]
+    assert got["with_eos"] == moe["eos"]
+    assert got["no_eos"] == list(moe["no_eos"])
 
 
 def test_probe_metrics_hand_made():

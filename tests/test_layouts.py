@@ -153,6 +153,7 @@ def test_matrix_covers_required_layouts():
     required |= {"pp2_fixed", "pp2_varlen"}  # variable shapes between stages (issue 13)
     required |= {"tp2_sp_qwen3"}  # another family: QK-norm gradients summed over TP (issue 16)
     required |= {"ep2_mixtral", "ep2_tp2_etp1_mixtral", "ep2_pp2_mixtral"}  # experts (issue 16)
+    required |= {"tp2_sp_qwen2moe"}  # the shared expert's gate: SP-partial gradient over TP
     assert required <= set(COMPARED)
     assert LAYOUTS["pp2_varlen"].ref == "pp2_fixed"  # variable shapes against today's path
     sp = LAYOUTS["tp2_dp2_sp_distopt"].parallel
@@ -299,3 +300,18 @@ def test_pp2_varlen_sends_shapes_that_vary():
     for var, fixed in zip(widths["pp2_varlen"], widths["pp2_fixed"]):
         assert len(set(var)) >= 3 and all(w % 4 == 0 for w in var), var
         assert len(set(fixed)) == 1 and max(var) <= -(-fixed[0] // 4) * 4
+
+
+@pytest.mark.parametrize("name", ["ep2_mixtral", "ep2_tp2_etp1_mixtral", "ep2_pp2_mixtral"])
+def test_expert_load_fraction_matches_single_process(matrix, name):
+    """``moe/max_expert_load_fraction`` counts routing decisions (integers) over all ranks'
+    tokens: equal to the single process at every step, whatever the layout (an extra forward
+    left in the counts, or a token shard counted twice or not at all, changes it)."""
+
+    def history(layout: str) -> list[float]:
+        rows = json.loads((matrix["_out"] / layout / "metrics.json").read_text())["history"]
+        return [r["moe/max_expert_load_fraction"] for r in rows]
+
+    want = history("tp1_mixtral")
+    assert len(want) > 1 and all(0.25 <= x <= 0.5 for x in want)
+    assert history(name) == want

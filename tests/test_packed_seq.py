@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from conftest import run_gloo
@@ -28,9 +30,16 @@ from test_packing import (
     varied_pairs,
 )
 
+from megatron_simpo import packed_seq
 from megatron_simpo.data.packing import collate_packed
 from megatron_simpo.errors import ConfigError
-from megatron_simpo.packed_seq import cu_seqlens_from, flatten_rows, thd_allowed, thd_batch
+from megatron_simpo.packed_seq import (
+    cu_seqlens_from,
+    flatten_rows,
+    thd_allowed,
+    thd_batch,
+    trimmed_stream,
+)
 
 
 def slow_lengths(segment_ids: torch.Tensor) -> list[int]:
@@ -84,6 +93,43 @@ def test_flattened_batch_and_params():
         assert pos[a:b].tolist() == list(range(b - a))
 
 
+@pytest.mark.parametrize("seed,multiple", [(0, 8), (1, 64), (2, 1)])
+def test_trimmed_stream_drops_trailing_padding(seed, multiple):
+    """PP1: the real tokens of the rows, in order, each sequence its own span (rows that end
+    and start with the same segment id stay apart), then one padding span up to the multiple."""
+    pairs = random_pairs(7, seed)
+    mb = collate_packed(pairs, capacity=SEQ_LENGTH, prefix_sharing=False, pack=True, num_rows=4)
+    seg = mb["segment_ids"]
+    index, cu = trimmed_stream(seg, multiple)
+    n, full = int((seg != 0).sum()), seg.numel()
+    t = min(-(-n // multiple) * multiple, full)
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == t
+    real = [x for x in slow_lengths(seg) if x]  # per-row walk, padding spans left out
+    real_lengths = []
+    for row in seg.tolist():  # lengths of the non-padding sequences only
+        for j, sid in enumerate(row):
+            if sid and (j == 0 or sid != row[j - 1]):
+                real_lengths.append(0)
+            if sid:
+                real_lengths[-1] += 1
+    assert sum(real_lengths) == n and len(real) >= len(real_lengths)
+    want = real_lengths + ([t - n] if t > n else [])
+    assert (cu[1:] - cu[:-1]).tolist() == want
+    flat, params = thd_batch(mb, multiple)
+    assert flat["tokens"].shape == (1, t) and params.cu_seqlens_q is params.cu_seqlens_kv
+    assert torch.equal(flat["tokens"][0, :n], mb["tokens"][seg != 0])
+    assert torch.equal(flat["loss_mask"][0, :n], mb["loss_mask"][seg != 0])
+    assert int(flat["loss_mask"][0, n:].sum()) == 0 and bool((flat["seq_index"][0, n:] == -1).all())
+    assert bool((flat["segment_ids"][0, n:] == 0).all()) and index.numel() == n
+    pos = flat["position_ids"][0]
+    for a, b in zip(params.cu_seqlens_q[:-1].tolist(), params.cu_seqlens_q[1:].tolist()):
+        assert pos[a:b].tolist() == list(range(b - a))  # RoPE restarts per span
+    assert packed_seq.stream_multiple(1) == 64 and packed_seq.stream_multiple(3) == 192
+    # Two full rows of segment 1 side by side stay two sequences after trimming.
+    index, cu = trimmed_stream(torch.tensor([[1, 1, 1], [1, 1, 0]]), 1)
+    assert cu.tolist() == [0, 3, 5] and index.tolist() == [0, 1, 2, 3, 4]
+
+
 def test_prefix_shared_rows_have_no_thd_path():
     mb = collate_packed(random_pairs(3, 5), capacity=SEQ_LENGTH, prefix_sharing=True, pack=True)
     with pytest.raises(ConfigError, match="--prefix-sharing has no THD"):
@@ -124,11 +170,31 @@ def _thd_worker(rank, world, names):
         for chunk in trainer.model:  # what build_model sets for --attention-backend te
             unwrap(chunk).packed_seq_format = "thd"
         thd = _run(trainer, "packed", mbs, pairs)
+        runs = [thd, masked]
+        if trainer.cfg.parallel.pipeline_model_parallel_size == 1:
+            # Trailing padding dropped (PP1): with a multiple of 8 instead of 64 the stream of
+            # these short rows really is shorter than rows * s.
+            lengths: list[tuple[int, int]] = []
+            real = packed_seq.thd_batch
+
+            def spy(batch, pad_multiple=None, real=real, lengths=lengths):
+                out = real(batch, pad_multiple)
+                lengths.append((out[0]["tokens"].shape[1], batch["tokens"].numel()))
+                return out
+
+            with (
+                mock.patch.object(packed_seq, "stream_multiple", lambda tp: 8),
+                mock.patch.object(packed_seq, "thd_batch", spy),
+            ):
+                runs.append(_run(trainer, "packed", mbs, pairs))
+            # A multiple of 8, or the rows' own size where rounding up would exceed it.
+            assert all(t % 8 == 0 or t == full for t, full in lengths), lengths
+            assert any(t < full for t, full in lengths), lengths
         # fp32, same weights and pairs: as packed-vs-padded in test_packing (summation order
         # only, a few ulps per op). Against the masked packing too, which computes the same
         # sums over the same rows: a wrong span, a RoPE offset or a leaked token moves these
         # by 1e-2 or more.
-        for got, got_pp, got_grads, _ in (thd, masked):
+        for got, got_pp, got_grads, _ in runs:
             assert got["pairs"] == ref["pairs"] == 8
             for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
                 tol = LOGP_ATOL * magnitude(ref, key)

@@ -105,6 +105,12 @@ def entries(m: ModelConfig) -> list[tuple[str, list[str], str]]:
             f"model.num_experts={m.num_experts!r} but the {m.model_type} family is "
             f"{'mixture-of-experts' if family.moe else 'dense'}"
         )
+    shared = any(".shared_experts." in mc for mc, _, _ in family.layer_keys)
+    if shared != (m.shared_expert_intermediate_size is not None):
+        raise ConfigError(
+            f"model.shared_expert_intermediate_size={m.shared_expert_intermediate_size!r} but "
+            f"the {m.model_type} family has {'a' if shared else 'no'} shared expert"
+        )
     global_, layer = family.global_keys, family.layer_keys
     # Per-expert entries ({e}) expanded over the experts, then everything over the layers.
     layer = [

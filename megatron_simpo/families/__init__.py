@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_simpo.errors import ConfigError
-from megatron_simpo.families import llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
+from megatron_simpo.families import llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
 from megatron_simpo.families.base import FamilyDescriptor, KeyEntry, Refusal
 
 __all__ = ["FAMILIES", "REFUSED", "FamilyDescriptor", "KeyEntry", "Refusal", "check_hf_config"]
@@ -25,6 +25,7 @@ FAMILIES: dict[str, FamilyDescriptor] = {
         qwen3.FAMILY,
         mixtral.FAMILY,
         qwen3_moe.FAMILY,
+        qwen2_moe.FAMILY,
     )
 }
 
@@ -35,7 +36,6 @@ REFUSED: dict[str, tuple[str, str]] = {
     "gemma3": ("sliding_window", "interleaved sliding-window attention is not reproduced"),
     "deepseek_v2": ("kv_lora_rank", "multi-head latent attention (MLA) is not supported"),
     "deepseek_v3": ("kv_lora_rank", "multi-head latent attention (MLA) is not supported"),
-    "qwen2_moe": ("shared_expert_intermediate_size", "shared experts are not supported yet"),
 }
 
 

@@ -45,7 +45,7 @@ def unset(name: str, reason: str) -> Refusal:
 
 
 #: The ``ModelConfig`` layer options a family fixes (False unless its ``layer_options`` say).
-LAYER_OPTIONS = ("qkv_bias", "qk_layernorm")
+LAYER_OPTIONS = ("qkv_bias", "qk_layernorm", "shared_expert_gate")
 
 #: What no family here reproduces; checked for every family (and named in the error).
 COMMON_REFUSALS: tuple[Refusal, ...] = (
@@ -85,9 +85,10 @@ class FamilyDescriptor:
     """Key map of one decoder layer; ``{e}`` in a name stands for an expert (expanded over
     ``ModelConfig.num_experts``)."""
     layer_options: Mapping[str, Any] = field(default_factory=dict)
-    """``ModelConfig`` fields this family fixes (``qkv_bias``, ``qk_layernorm``): set at import,
-    mapped by ``model.py`` to ``TransformerConfig`` (``add_qkv_bias``, ``qk_layernorm``) and the
-    layer spec."""
+    """``ModelConfig`` fields this family fixes (``qkv_bias``, ``qk_layernorm``,
+    ``shared_expert_gate``): set at import, mapped by ``model.py`` / ``moe.py`` to
+    ``TransformerConfig`` (``add_qkv_bias``, ``qk_layernorm``, ``moe_shared_expert_gate``) and
+    the layer spec."""
     hf_fixed: Mapping[str, Any] = field(default_factory=dict)
     """HF config fields supported with one value only: refused otherwise (absent counts as that
     value), and written so into an exported ``config.json``."""

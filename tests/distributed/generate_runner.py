@@ -2,7 +2,7 @@
 world (``tests/test_generate.py`` compares every layout with ``transformers``).
 
     torchrun --nproc-per-node 4 tests/distributed/generate_runner.py --hf HF_DIR --work DIR \\
-        --spec SPEC.json --out OUT.json L1 L2 ...
+        --spec SPEC.json --out OUT.json [--hf-moe HF_MOE_DIR] L1 L2 ...
 
 SPEC holds ``prompts``, ``eos_id`` and ``max_new_tokens``; each layout generates them with that
 EOS and without one (``no_eos``, where ``long_prompt`` is added: it must stop at
@@ -51,6 +51,9 @@ LAYOUTS: dict[str, tuple[dict, dict]] = {
         {"tensor_model_parallel_size": 2, "sequence_parallel": True},
         {"fused_loss_head": True},
     ),
+    # The mixture-of-experts model (--hf-moe): Megatron's MoE layer, alltoall dispatcher.
+    "moe_tp1": ({}, {}),
+    "moe_ep2": ({"expert_model_parallel_size": 2}, {}),
 }
 
 
@@ -120,7 +123,8 @@ def run_layout(layout: str, load: Path, spec: dict) -> dict:
     before = snapshot(model)
     start = time.perf_counter()
     n, prompts = spec["max_new_tokens"], spec["prompts"]
-    with_eos = greedy_generate(model, cfg, prompts, n, spec["eos_id"])
+    eos = spec["moe_eos_id"] if layout.startswith("moe_") else spec["eos_id"]
+    with_eos = greedy_generate(model, cfg, prompts, n, eos)
     no_eos = greedy_generate(model, cfg, prompts + [spec["long_prompt"]], n, None)
     wall = time.perf_counter() - start
     assert_same_state(before, snapshot(model), layout)
@@ -138,6 +142,7 @@ def main() -> None:
     ap.add_argument("--work", required=True)
     ap.add_argument("--spec", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--hf-moe", help="a mixture-of-experts HF model, for the moe_* layouts")
     ap.add_argument("layouts", nargs="+", choices=LAYOUTS)
     args = ap.parse_args()
     spec = json.loads(Path(args.spec).read_text())
@@ -146,9 +151,13 @@ def main() -> None:
     # separate converter process would cost ~10 s of start-up.
     load = Path(args.work) / f"ckpt_rank{dist.get_rank()}"
     hf_to_mcore(args.hf, load)
+    if args.hf_moe:
+        load_moe = Path(args.work) / f"ckpt_moe_rank{dist.get_rank()}"
+        hf_to_mcore(args.hf_moe, load_moe)
     out: dict = {"layouts": {}}
     for layout in args.layouts:
-        out["layouts"][layout] = run_layout(layout, load, spec)
+        ckpt = load_moe if layout.startswith("moe_") else load
+        out["layouts"][layout] = run_layout(layout, ckpt, spec)
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(out, indent=1))
     dist.destroy_process_group()

@@ -89,6 +89,18 @@ DORA = {
 #: load-balancing loss at a weight that moves the gradient (0.1; its gradient path through
 #: every layout, padding masked out of it).
 MIXTRAL = {"model_type": "mixtral", "num_experts": 4, "num_experts_per_tok": 2}
+#: Qwen2-MoE: QKV biases, top-2 of the full softmax (norm_topk_prob False), a shared expert
+#: whose sigmoid gate weight is replicated over TP and, with SP, sees only its rank's tokens (its
+#: gradient partial, summed over TP by Megatron as for the norms).
+QWEN2_MOE = {
+    **MIXTRAL,
+    "model_type": "qwen2_moe",
+    "qkv_bias": True,
+    "norm_topk_prob": False,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 24,
+    "shared_expert_gate": True,
+}
 AUX = {"moe_aux_loss_coeff": 0.1}
 EP2 = {"expert_model_parallel_size": 2}
 PP2 = {"pipeline_model_parallel_size": 2}
@@ -168,6 +180,15 @@ LAYOUTS: dict[str, Layout] = {
         model=MIXTRAL,
     ),
     "ep2_pp2_mixtral": Layout(4, "tp1_mixtral", {**EP2, **PP2}, AUX, model=MIXTRAL),
+    # Qwen2-MoE: the shared expert and its gate through TP2 + SP (experts TP-split, ETP2).
+    "tp1_qwen2moe": Layout(1, None, {}, AUX, model=QWEN2_MOE),
+    "tp2_sp_qwen2moe": Layout(
+        2,
+        "tp1_qwen2moe",
+        {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+        AUX,
+        model=QWEN2_MOE,
+    ),
 }
 
 
