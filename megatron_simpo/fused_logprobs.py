@@ -10,7 +10,10 @@ logits of one chunk of ``chunk_size`` tokens exist at a time:
   of ``[tokens]`` vectors combine them: ``lse = M + log sum_r exp(lse_r - M)`` with
   ``M = max_r lse_r``, and the target logit from its owner. ``log pi(t) = z_t - lse``.
 * backward, per chunk: recompute ``z``, ``dlogp/dz = onehot(t) - softmax(z)``; accumulate
-  ``dW += dz^T h_c`` (fp32) and write ``dh_c = dz W``.
+  ``dW += dz^T h_c`` (fp32) and write ``dh_c = dz W``. When all tokens fit one chunk, the
+  forward's ``exp(z - max)`` buffer is kept instead and scaled by ``exp(max - lse)``: one of the
+  head's four vocabulary matmuls saved, at the same peak (backward's recomputed chunk is the
+  buffer it replaces; ``defaults.fused_head_bytes`` is unchanged).
 
 The hidden states enter through Megatron's TP region mappings (copy: all-reduce in backward;
 under sequence parallelism all-gather / reduce-scatter), exactly as ``ColumnParallelLinear``
@@ -49,6 +52,9 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         local_t = local_t.clamp(0, max(real - 1, 0))
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
         target_z = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        # One chunk: backward reuses this chunk's exponentials instead of recomputing the
+        # vocabulary matmul (the buffer backward would allocate anyway, so the same peak).
+        kept = z_max = None
         for s in range(0, n if real else 0, chunk_size):
             e = min(n, s + chunk_size)
             z = _chunk_logits(hidden[s:e], w)
@@ -57,6 +63,8 @@ class _FusedLinearLogProbs(torch.autograd.Function):
             # log-sum-exp in z's own buffer: one [chunk, vocab/TP] buffer at a time.
             z_max = z.max(dim=-1).values
             lse[s:e] = z_max + z.sub_(z_max.unsqueeze(-1)).exp_().sum(dim=-1).log()
+            if n <= chunk_size:
+                kept = z  # exp(z - z_max) [n, real]
             del z
         # Combine the per-rank log-sum-exps stably: M + log sum_r exp(lse_r - M).
         m = lse.clone()
@@ -66,6 +74,8 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         lse = m + sum_exp.log()
         _all_reduce(target_z, dist.ReduceOp.SUM, group)
         ctx.save_for_backward(hidden, weight, local_t, owned, lse)
+        # Not saved through save_for_backward: an intermediate, never seen by autograd.
+        ctx.kept = (kept, z_max) if kept is not None else None
         ctx.real = real
         ctx.chunk_size = chunk_size
         return target_z - lse
@@ -82,9 +92,18 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         for s in range(0, n if real else 0, ctx.chunk_size):
             e = min(n, s + ctx.chunk_size)
             h_c = hidden[s:e]
-            z = _chunk_logits(h_c, w)
             # d logp / d z_j = 1[j == t] - softmax_j, computed in place in z's buffer.
-            dz = z.sub_(lse[s:e].unsqueeze(-1)).exp_().mul_(-g[s:e].unsqueeze(-1))
+            if ctx.kept is not None:
+                # softmax = exp(z - z_max) * exp(z_max - lse): equal to exp(z - lse) up to
+                # fp32 rounding (tests/test_fused_logprobs.py), one multiply instead of the
+                # vocabulary matmul, a subtraction and an exp.
+                z, z_max = ctx.kept
+                ctx.kept = None
+                scale = (z_max - lse).exp().mul_(-g)
+                dz = z.mul_(scale.unsqueeze(-1))
+            else:
+                z = _chunk_logits(h_c, w)
+                dz = z.sub_(lse[s:e].unsqueeze(-1)).exp_().mul_(-g[s:e].unsqueeze(-1))
             dz.scatter_add_(-1, local_t[s:e].unsqueeze(-1), (g[s:e] * owned[s:e]).unsqueeze(-1))
             dz = dz.to(weight.dtype)
             grad_h[s:e] = dz @ w

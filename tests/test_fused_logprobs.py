@@ -1,9 +1,10 @@
 """The fused chunked loss head (``--fused-loss-head``) against the materialised path.
 
-1. The function at TP1/TP2 (a rank holding only vocabulary padding included, chunk size not
-   dividing the token count): log-probs and gradients of hidden states and weight against a
-   float64 ``log_softmax`` of the full logits, and against ``vocab_parallel_logprobs`` of the
-   materialised fp32 logits.
+1. The function at TP1/TP2 (a rank holding only vocabulary padding included; a chunk size not
+   dividing the token count, and one chunk for all, where backward reuses the forward's
+   exponentials instead of recomputing the logits): log-probs and gradients of hidden states
+   and weight against a float64 ``log_softmax`` of the full logits, and against
+   ``vocab_parallel_logprobs`` of the materialised fp32 logits.
 2. A full training step (Megatron schedule, DDP gradient buffers, optimizer) of the tiny model,
    unfused vs fused, from identical weights at TP1xDP2, TP2, TP2+SP, tied TP1xDP2 and tied PP2:
    losses, SimPO metrics, gradient norm and every gradient in the DDP buffers (``main_grad``).
@@ -48,7 +49,7 @@ def _reference(hidden, weight, targets, upstream):
     return lp.detach(), h.grad, w.grad
 
 
-def _check_function(rank, tp, group):
+def _check_function(rank, tp, group, chunk):
     from megatron_simpo.fused_logprobs import fused_vocab_parallel_logprobs, hidden_for_head
     from megatron_simpo.logprobs import vocab_parallel_logprobs
 
@@ -63,7 +64,7 @@ def _check_function(rank, tp, group):
         h_in = hidden_for_head(h, False, group)
         if fused:
             lp = fused_vocab_parallel_logprobs(
-                h_in, w, targets, vocab_size=VOCAB, group=group, chunk_size=CHUNK
+                h_in, w, targets, vocab_size=VOCAB, group=group, chunk_size=chunk
             )
         else:
             lp = vocab_parallel_logprobs(h_in @ w.t(), targets, vocab_size=VOCAB, group=group)
@@ -86,11 +87,31 @@ def _function_worker(rank, world):
     for tp in (1, 2):
         group = dist.new_group(list(range(tp)))
         if rank < tp:
-            _check_function(rank, tp, group)
+            for chunk in (CHUNK, TOKENS):  # several chunks; one (the kept exponentials)
+                _check_function(rank, tp, group, chunk)
 
 
 def test_fused_logprobs_match_float64_and_unfused_at_tp1_tp2():
     run_gloo(2, _function_worker)
+
+
+def test_one_chunk_backward_does_not_recompute_the_logits(monkeypatch):
+    from megatron_simpo import fused_logprobs
+
+    calls = []
+    orig = fused_logprobs._chunk_logits
+    monkeypatch.setattr(
+        fused_logprobs, "_chunk_logits", lambda h, w: calls.append(len(h)) or orig(h, w)
+    )
+    hidden, weight, targets, upstream = _inputs()
+    for chunk, want in ((TOKENS, [TOKENS]), (CHUNK, [4, 4, 3] * 2)):
+        calls.clear()
+        h = hidden.clone().requires_grad_()
+        lp = fused_logprobs.fused_vocab_parallel_logprobs(
+            h, weight, targets, vocab_size=VOCAB, chunk_size=chunk
+        )
+        (lp.double() * upstream).sum().backward()
+        assert calls == want, (chunk, calls)  # forward's chunks, then backward's recomputed
 
 
 # name -> (tied embeddings, parallel overrides); all run in a world of 2 ranks.
