@@ -213,12 +213,14 @@ MOE_ADAPTERS = {
 def _moe_adapter_exports(rank: int, world: int, root) -> None:
     """One process: the HF model converted, each MOE_ADAPTERS variant built on it with random
     adapters, its logits on ``root/ids.pt`` saved, its adapter-only checkpoint exported merged
-    and (attention) as a peft adapter; the experts' peft form refused."""
+    and (attention) as a peft adapter, which imports back to the same tensors; the experts' peft
+    form refused, on export and on import."""
     from megatron_simpo import checkpointing, parallel
     from megatron_simpo.adapters import init_magnitudes
     from megatron_simpo.cli import checkpoint_model_config
     from megatron_simpo.convert.export import mcore_to_hf
     from megatron_simpo.convert.hf import hf_to_mcore
+    from megatron_simpo.convert.lora import peft_to_mcore
     from megatron_simpo.model import build_model
 
     parallel.init_distributed()
@@ -259,10 +261,23 @@ def _moe_adapter_exports(rank: int, world: int, root) -> None:
         mcore_to_hf(save, root / name / "merged")
         if name == "attention":
             mcore_to_hf(save, root / name / "peft", adapter_only=True)
+            # Imported back (peft_to_mcore): the very tensors that were exported.
+            back = peft_to_mcore(root / name / "peft", root / "base", root / name / "back")
+            want, got = (checkpointing.load_full_tensors(d) for d in (save / "iter_0000001", back))
+            want = {k: v for k, v in want.items() if ".lora." in k}
+            assert want and want.keys() == {k for k in got if ".lora." in k}
+            assert all(torch.equal(got[k], v) for k, v in want.items())
         else:
             with pytest.raises(ConfigError, match="--adapter-only: adapters on the routed") as e:
                 mcore_to_hf(save, root / name / "peft", adapter_only=True)
             assert "\n" not in str(e.value) and "without --adapter-only" in str(e.value)
+            # A peft adapter naming the MLP projections of an MoE model: refused on import too.
+            cfg_json = json.loads((root / "attention" / "peft" / "adapter_config.json").read_text())
+            cfg_json["target_modules"] = ["q_proj", "gate_proj"]
+            (root / "mlp_peft").mkdir()
+            (root / "mlp_peft" / "adapter_config.json").write_text(json.dumps(cfg_json))
+            with pytest.raises(ConfigError, match="mlp_peft: target_modules: adapters on the"):
+                peft_to_mcore(root / "mlp_peft", root / "base", root / "mlp_back")
 
 
 def test_moe_adapters_export_merged_and_as_peft(tmp_path):
