@@ -65,16 +65,6 @@ LINEARS: dict[str, tuple[str, tuple[str, ...]]] = {
     "linear_fc1": ("column", ("gate_proj", "up_proj")),
     "linear_fc2": ("row", ("down_proj",)),
 }
-#: Layer submodule -> (parallel kind, HF projections) of a dense layer.
-MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
-    name: LINEARS[name.rsplit(".", 1)[1]]
-    for name in (
-        "self_attention.linear_qkv",
-        "self_attention.linear_proj",
-        "mlp.linear_fc1",
-        "mlp.linear_fc2",
-    )
-}
 #: Attribute that marks a replicated adapter tensor whose gradient is partial over TP: "tp"
 #: (the tensor-parallel group) or "expert_tp" (a routed expert's: the expert-TP group).
 TP_PARTIAL = "lora_tp_partial"
