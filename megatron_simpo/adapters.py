@@ -19,6 +19,17 @@ A replicated factor sees partial gradients (column ``A``: each rank's ``B`` rows
 each rank's input slice), which :func:`finalize_model_grads` sums over TP once per step, as
 Megatron-Core does for norms under sequence parallelism.
 
+Mixture of experts (``MoELayer``): the attention projections, the shared expert's MLP
+(Qwen2-MoE's ``SharedExpertMLP``: stock column/row-parallel linears on the TP group) and each
+routed expert of a ``SequentialMLP`` (``local_experts.{e}.linear_fc1`` / ``linear_fc2``, the
+local spec's experts, which every LoRA run builds: ``model.build_model``) take adapters; the
+router and the shared-expert gate stay frozen. An expert's adapters live with it: on its
+expert-parallel rank, split over the expert-TP group as its weight is, with no communication of
+their own (the token dispatcher moves the tokens; the expert linears do none either), reduced
+over the expert-data-parallel group by Megatron's DDP (they carry the weight's ``allreduce``
+flag) and saved along the checkpoint's expert axis. Transformer Engine's grouped GEMM experts
+(``TEGroupedMLP``: one weight for all local experts) are refused.
+
 DoRA (Liu et al. 2024; peft's definition): ``y = W x + (m / n - 1) * W x' + (m / n) * s * B A x'``
 with ``x'`` the dropped-out input, ``s = alpha / r`` and ``n = ||W + s B A||`` per output row,
 detached. Column-parallel rows are local; a row-parallel row spans the shards, so its squared
@@ -30,6 +41,7 @@ from __future__ import annotations
 import math
 import types
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,15 +57,29 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron_simpo.config import LoraConfig
 from megatron_simpo.errors import ConfigError
 
-#: Layer submodule -> (parallel kind, the HF projections fused in it, in Megatron's order).
-MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "self_attention.linear_qkv": ("column", ("q_proj", "k_proj", "v_proj")),
-    "self_attention.linear_proj": ("row", ("o_proj",)),
-    "mlp.linear_fc1": ("column", ("gate_proj", "up_proj")),
-    "mlp.linear_fc2": ("row", ("down_proj",)),
+#: Megatron linear (the last part of its name) -> (parallel kind, the HF projections fused in it,
+#: in Megatron's order): attention, the dense MLP, a shared expert's and a routed expert's MLP.
+LINEARS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "linear_qkv": ("column", ("q_proj", "k_proj", "v_proj")),
+    "linear_proj": ("row", ("o_proj",)),
+    "linear_fc1": ("column", ("gate_proj", "up_proj")),
+    "linear_fc2": ("row", ("down_proj",)),
 }
-#: Attribute that marks a replicated adapter tensor whose gradient is partial over TP.
+#: Attribute that marks a replicated adapter tensor whose gradient is partial over TP: "tp"
+#: (the tensor-parallel group) or "expert_tp" (a routed expert's: the expert-TP group).
 TP_PARTIAL = "lora_tp_partial"
+
+
+class Target(NamedTuple):
+    """One adaptable linear of a chunk."""
+
+    layer: int
+    """Global layer index."""
+    name: str
+    """Its name in the layer (``mlp.experts.local_experts.{local e}.linear_fc1``)."""
+    module: torch.nn.Module
+    expert: int | None
+    """The routed expert's global index (None: not a routed expert)."""
 
 
 class Adapter(torch.nn.Module):
@@ -86,6 +112,7 @@ class Adapters(torch.nn.Module):
         rows: HF projection -> its output rows on this rank per group (column-parallel), in
             the fused order; ``groups`` such groups make the local output.
         groups: query groups on this rank (QKV), else 1.
+        tp_group: the base layer's tensor-parallel group (a routed expert's: expert-TP).
     """
 
     def __init__(
@@ -97,9 +124,11 @@ class Adapters(torch.nn.Module):
         groups: int,
         in_features: int,
         like: torch.Tensor,
+        tp_group=None,
     ):
         super().__init__()
         self.kind, self.rows, self.groups = kind, rows, groups
+        self.tp_group = tp_group
         self.scaling = cfg.lora_alpha / cfg.lora_rank
         self.dropout = cfg.lora_dropout
         self.dora = cfg.dora
@@ -122,7 +151,8 @@ class Adapters(torch.nn.Module):
             if t is None:
                 t = some.new_full((*lead, n * self.groups), fill)
             pieces.append(t.reshape(*lead, self.groups, n))
-        return torch.cat(pieces, dim=-1).reshape(*lead, -1)
+        width = self.groups * sum(self.rows.values())  # not -1: an expert may get no tokens
+        return torch.cat(pieces, dim=-1).reshape(*lead, width)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         if not self.dropout or not self.training:
@@ -162,7 +192,7 @@ class Adapters(torch.nn.Module):
         else:
             ((name, a),) = self.parts.items()
             squares = (weight + delta[name]).float().pow(2).sum(dim=1)
-            torch.distributed.all_reduce(squares, group=ps.get_tensor_model_parallel_group())
+            _all_reduce(squares, self.tp_group)
             ratio = a.lora_magnitude.float() / squares.sqrt()
         return ratio.to(weight.dtype)
 
@@ -179,12 +209,23 @@ class Adapters(torch.nn.Module):
         return (ratio - 1) * base + ratio * fused
 
 
+def _all_reduce(t: torch.Tensor, group) -> None:
+    """Sum over ``group`` (None: the tensor-parallel group), skipped for a group of one."""
+    group = group if group is not None else ps.get_tensor_model_parallel_group()
+    if torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(t, group=group)
+
+
 def _column_forward(self, input_, weight=None, runtime_gather_output=None):
-    """ColumnParallelLinear.forward for a frozen weight plus adapters (no gather of output)."""
-    if self.sequence_parallel:
-        total = tensor_parallel.gather_from_sequence_parallel_region(input_)
+    """ColumnParallelLinear.forward for a frozen weight plus adapters (no gather of output).
+    A routed expert's linear communicates nothing (``explicit_expert_comm``: the token
+    dispatcher has gathered its tokens over expert-TP), as Megatron's own forward."""
+    if getattr(self, "explicit_expert_comm", False):
+        total = input_
+    elif self.sequence_parallel:
+        total = tensor_parallel.gather_from_sequence_parallel_region(input_, group=self.tp_group)
     else:
-        total = tensor_parallel.copy_to_tensor_model_parallel_region(input_)
+        total = tensor_parallel.copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
     out = F.linear(total, self.weight)
     out = out + self.lora.delta(total, out, self.weight)
     if self.bias is not None and not self.skip_bias_add:
@@ -197,23 +238,39 @@ def _row_forward(self, input_):
     output joins the base layer's one reduction."""
     partial = F.linear(input_, self.weight)
     partial = partial + self.lora.delta(input_, partial, self.weight)
-    if self.sequence_parallel:
-        out = tensor_parallel.reduce_scatter_to_sequence_parallel_region(partial)
+    if getattr(self, "explicit_expert_comm", False):  # the dispatcher reduces expert outputs
+        out = partial
+    elif self.sequence_parallel:
+        out = tensor_parallel.reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)
     else:
-        out = tensor_parallel.reduce_from_tensor_model_parallel_region(partial)
+        out = tensor_parallel.reduce_from_tensor_model_parallel_region(partial, self.tp_group)
     if self.bias is not None and not self.skip_bias_add:
         out = out + self.bias
     return out, (self.bias if self.skip_bias_add else None)
 
 
 def _sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-    """The base layer's sharded state dict, with the adapters' tensors sharded like them."""
+    """The base layer's sharded state dict, with the adapters' tensors sharded like them (over
+    the layer's own TP group; a routed expert's along the expert axis in ``sharded_offsets``,
+    with the replica ids its ``SequentialMLP`` then sets)."""
     out = type(self).sharded_state_dict(self, prefix, sharded_offsets, metadata)
     for key in [k for k in out if k.startswith(prefix + "lora.")]:
         del out[key]
     state = self.lora.state_dict(prefix="", keep_vars=True)
     axes = {k: t.partition_dim for k, t in state.items() if getattr(t, "tensor_model_parallel", 0)}
-    out.update(make_sharded_tensors_for_checkpoint(state, prefix + "lora.", axes, sharded_offsets))
+    dp_cp = (metadata or {}).get("dp_cp_group") or ps.get_data_parallel_group(
+        with_context_parallel=True
+    )
+    out.update(
+        make_sharded_tensors_for_checkpoint(
+            state,
+            prefix + "lora.",
+            axes,
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=dp_cp,
+        )
+    )
     return out
 
 
@@ -230,30 +287,46 @@ def _init_a(a: Adapter, seed: int, full_in: int, shard: slice | None) -> None:
 def _layout(name: str, module, config) -> tuple[dict[str, int], int]:
     """Output rows per group of each fused projection on this rank, and the group count."""
     local = module.weight.shape[0]
-    if name == "self_attention.linear_qkv":
+    leaf = name.rsplit(".", 1)[1]
+    if leaf == "linear_qkv":
         tp = ps.get_tensor_model_parallel_world_size()
         groups = config.num_query_groups // tp
         d = config.kv_channels
         per_group = config.num_attention_heads // config.num_query_groups
         return {"q_proj": per_group * d, "k_proj": d, "v_proj": d}, groups
-    if name == "mlp.linear_fc1":
+    if leaf == "linear_fc1":
         return {"gate_proj": local // 2, "up_proj": local // 2}, 1
-    return {MODULES[name][1][0]: local}, 1
+    return {LINEARS[leaf][1][0]: local}, 1
 
 
-def _modules(chunk: torch.nn.Module) -> Iterable[tuple[int, str, torch.nn.Module]]:
-    """(global layer index, submodule name, module) of every adaptable linear of a chunk."""
+def _modules(chunk: torch.nn.Module) -> Iterable[Target]:
+    """Every adaptable linear of a chunk: attention, then the dense MLP, or an MoE layer's
+    shared expert and routed experts (a grouped-GEMM experts module as one target, ``name``
+    ``mlp.experts``, which :func:`apply_adapters` refuses when MLP projections are targeted)."""
     for layer in chunk.decoder.layers:
-        for name in MODULES:
-            module = layer
-            for part in name.split("."):
-                module = getattr(module, part, None)
-            if module is None:  # e.g. an MoE layer's experts in place of linear_fc1 / fc2
-                raise ConfigError(
-                    f"--lora-rank: layer {layer.layer_number} has no {name} (an MoE layer?); "
-                    "adapters on experts are not supported yet"
-                )
-            yield layer.layer_number - 1, name, module
+        i = layer.layer_number - 1
+        for name in ("self_attention.linear_qkv", "self_attention.linear_proj"):
+            yield Target(i, name, layer.self_attention.get_submodule(name.split(".", 1)[1]), None)
+        mlp = layer.mlp
+        experts = getattr(mlp, "experts", None)
+        if experts is None:  # a dense MLP
+            for leaf in ("linear_fc1", "linear_fc2"):
+                yield Target(i, f"mlp.{leaf}", getattr(mlp, leaf), None)
+            continue
+        shared = getattr(mlp, "shared_experts", None)
+        if shared is not None:
+            for leaf in ("linear_fc1", "linear_fc2"):
+                yield Target(i, f"mlp.shared_experts.{leaf}", getattr(shared, leaf), None)
+        local = getattr(experts, "local_experts", None)
+        if local is None:  # TEGroupedMLP / GroupedMLP: one weight for all local experts
+            yield Target(i, "mlp.experts", experts, -1)
+            continue
+        ep = experts.ep_group
+        first = ep.rank() * len(local)
+        for e, expert in enumerate(local):
+            for leaf in ("linear_fc1", "linear_fc2"):
+                name = f"mlp.experts.local_experts.{e}.{leaf}"
+                yield Target(i, name, getattr(expert, leaf), first + e)
 
 
 def apply_adapters(chunks: list[torch.nn.Module], cfg: LoraConfig, seed: int) -> None:
@@ -264,12 +337,21 @@ def apply_adapters(chunks: list[torch.nn.Module], cfg: LoraConfig, seed: int) ->
     once the base weights are loaded.
     """
     targets = cfg.hf_targets()
-    tp_rank = ps.get_tensor_model_parallel_rank()
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)
-        for layer, name, module in _modules(chunk):
-            kind, projections = MODULES[name]
+        for layer, name, module, expert in _modules(chunk):
+            kind, projections = LINEARS.get(name.rsplit(".", 1)[1], ("grouped", ()))
+            if kind == "grouped":
+                mlp = [p for p in targets if p in LINEARS["linear_fc1"][1] + ("down_proj",)]
+                if mlp:
+                    raise ConfigError(
+                        f"--lora-target {','.join(mlp)}: layer {layer + 1}'s experts are a "
+                        f"{type(module).__name__} (grouped GEMM); adapters support Megatron-Core's "
+                        "SequentialMLP (the local spec: --attention-backend sdpa or local), or "
+                        "target the attention only (--lora-target qkv,o_proj)"
+                    )
+                continue
             if not any(p in targets for p in projections):
                 continue
             expected = ColumnParallelLinear if kind == "column" else RowParallelLinear
@@ -280,15 +362,21 @@ def apply_adapters(chunks: list[torch.nn.Module], cfg: LoraConfig, seed: int) ->
                 )
             if kind == "column" and module.gather_output:
                 raise ConfigError(f"--lora-target: {name} gathers its output; not supported")
+            group = module.tp_group
             rows, groups = _layout(name, module, module.config)
             in_local = module.weight.shape[1]
-            module.lora = Adapters(cfg, kind, targets, rows, groups, in_local, module.weight)
+            module.lora = Adapters(cfg, kind, targets, rows, groups, in_local, module.weight, group)
+            # A routed expert's adapters: reduced over expert-DP as its weight (DDP's flag).
+            allreduce = getattr(module.weight, "allreduce", True)
             for proj, a in module.lora.parts.items():
                 shard, full_in = None, in_local
                 if kind == "row":
-                    full_in = in_local * ps.get_tensor_model_parallel_world_size()
-                    shard = slice(tp_rank * in_local, (tp_rank + 1) * in_local)
-                _init_a(a, seed * 1000003 + layer * 31 + sum(map(ord, proj)), full_in, shard)
+                    full_in = in_local * group.size()
+                    shard = slice(group.rank() * in_local, (group.rank() + 1) * in_local)
+                key = seed * 1000003 + layer * 31 + sum(map(ord, proj))
+                if expert is not None:
+                    key += 100003 * (expert + 1)
+                _init_a(a, key, full_in, shard)
                 sharded, replicated = (
                     ([a.lora_B, a.lora_magnitude], [a.lora_A])
                     if kind == "column"
@@ -299,7 +387,9 @@ def apply_adapters(chunks: list[torch.nn.Module], cfg: LoraConfig, seed: int) ->
                         set_tensor_model_parallel_attributes(t, True, 1 if t is a.lora_A else 0, 1)
                 for t in replicated:
                     if t is not None:
-                        setattr(t, TP_PARTIAL, True)
+                        setattr(t, TP_PARTIAL, "tp" if expert is None else "expert_tp")
+                for t in a.parameters():
+                    t.allreduce = allreduce
             module.forward = types.MethodType(
                 _column_forward if kind == "column" else _row_forward, module
             )
@@ -309,9 +399,11 @@ def apply_adapters(chunks: list[torch.nn.Module], cfg: LoraConfig, seed: int) ->
 @torch.no_grad()
 def init_magnitudes(chunks: list[torch.nn.Module]) -> None:
     """DoRA's init: each magnitude is its row's norm of the (loaded) base weight ``||W||``
-    (row-parallel: all-reduced over TP), so the adapted model starts equal to the base."""
+    (row-parallel: all-reduced over the layer's TP group), so the adapted model starts equal to
+    the base."""
     for chunk in chunks:
-        for _, _, module in _modules(chunk):
+        for target in _modules(chunk):
+            module = target.module
             lora = getattr(module, "lora", None)
             if lora is None or not lora.dora:
                 continue
@@ -330,7 +422,7 @@ def init_magnitudes(chunks: list[torch.nn.Module]) -> None:
                     start += n
             else:
                 squares = w.pow(2).sum(dim=1)
-                torch.distributed.all_reduce(squares, group=ps.get_tensor_model_parallel_group())
+                _all_reduce(squares, lora.tp_group)
                 (a,) = lora.parts.values()
                 a.lora_magnitude.copy_(squares.sqrt())
 
@@ -341,21 +433,28 @@ def adapter_parameters(chunks: list[torch.nn.Module]) -> list[torch.nn.Parameter
 
 
 def finalize_model_grads(model: list, *args, **kwargs) -> None:
-    """Megatron-Core's ``finalize_model_grads``, then the TP sum of the replicated adapter
-    tensors' partial gradients (one coalesced all-reduce per step)."""
+    """Megatron-Core's ``finalize_model_grads``, then the sum of the replicated adapter tensors'
+    partial gradients over TP (routed experts': over expert-TP), one coalesced all-reduce per
+    group and step."""
     from megatron.core.distributed import finalize_model_grads as mcore_finalize
 
     mcore_finalize(model, *args, **kwargs)
-    if ps.get_tensor_model_parallel_world_size() == 1:
-        return
-    grads = [
-        p.main_grad
-        for chunk in model
-        for p in chunk.parameters()
-        if p.requires_grad and getattr(p, TP_PARTIAL, False) and p.main_grad is not None
-    ]
-    if grads:
-        flat = torch._utils._flatten_dense_tensors(grads)
-        torch.distributed.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+    groups = {
+        "tp": ps.get_tensor_model_parallel_group,
+        "expert_tp": ps.get_expert_tensor_parallel_group,
+    }
+    for kind, get_group in groups.items():
+        group = get_group()
+        if torch.distributed.get_world_size(group) == 1:
+            continue
+        grads = [
+            p.main_grad
+            for chunk in model
+            for p in chunk.parameters()
+            if p.requires_grad and getattr(p, TP_PARTIAL, None) == kind and p.main_grad is not None
+        ]
+        if grads:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            torch.distributed.all_reduce(flat, group=group)
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)

@@ -377,6 +377,12 @@ def build_model(cfg: RunConfig, use_te: bool | None = None) -> list[GPTModel]:
     if lora and backend == "te":
         # TE fuses the norm into the QKV / fc1 linears: an adapter needs the normalised input.
         backend = "sdpa"
+        if cfg.model.num_experts is not None and use_grouped_gemm(cfg):
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(
+                    "lora: experts as SequentialMLP, not TE's grouped GEMM (one weight for all "
+                    "local experts; adapters need each expert's own linears)"
+                )
     tconf = transformer_config(cfg)
     # TE's grouped GEMM only with the TE spec (e.g. packed rows choose sdpa even with TE).
     tconf.moe_grouped_gemm = backend == "te" and tconf.moe_grouped_gemm

@@ -172,29 +172,21 @@ def _hf_tensors(
         yield from zip(hf_names, keymap.TRANSFORMS[transform][1](tensor, shapes), strict=True)
 
 
-def _stacked(mc_name: str) -> tuple[str, int | None]:
-    """(dist-checkpoint key, layer) of a TP1 module name: decoder layers are stacked."""
-    m = re.search(r"\.layers\.(\d+)\.", mc_name)
-    if m is None:
-        return mc_name, None
-    return mc_name.replace(m.group(0), ".layers."), int(m.group(1))
-
-
 def _merged(
     tensors: Iterator[tuple[str, torch.Tensor]], reader: _Reader, model_cfg, lora_cfg
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The base's HF tensors with each adapted projection's adapter merged in."""
-    from megatron_simpo.convert.lora import adapter_names, merge
+    from megatron_simpo.convert.lora import adapter_names, checkpoint_location, merge
 
     by_hf: dict[str, dict[str, str]] = {}
-    for mc, _, hf, _ in adapter_names(model_cfg, lora_cfg):
-        by_hf.setdefault(hf, {})[mc.rsplit(".", 1)[1]] = mc
+    for n in adapter_names(model_cfg, lora_cfg):
+        by_hf.setdefault(n.hf, {})[n.mc.rsplit(".", 1)[1]] = n.mc
     scaling = lora_cfg.lora_alpha / lora_cfg.lora_rank
     for name, t in tensors:
         parts = by_hf.get(name)
         if parts is not None:
             a, b, mag = (
-                reader.get(*_stacked(parts[k])) if k in parts else None
+                reader.get(*checkpoint_location(parts[k])) if k in parts else None
                 for k in ("lora_A", "lora_B", "lora_magnitude")
             )
             t = merge(t, a, b, scaling, mag)
@@ -240,11 +232,14 @@ def mcore_to_hf(
             raise CheckpointError(
                 f"--adapter-only: {ckpt} is not an adapter checkpoint (train with --lora-rank)"
             )
-        from megatron_simpo.convert.lora import write_peft
+        from megatron_simpo.convert.lora import checkpoint_location, write_peft
 
         reader = _Reader(ckpt)
         return write_peft(
-            out, model_cfg, lora_cfg, lambda mc, i: reader.get(*_stacked(mc)).contiguous()
+            out,
+            model_cfg,
+            lora_cfg,
+            lambda mc, i: reader.get(*checkpoint_location(mc)).contiguous(),
         )
     adapters_reader = None
     if lora_cfg is not None:  # merged into the base the adapters were trained on

@@ -3,13 +3,21 @@
 The adapters' tensors are peft's own (``megatron_simpo/adapters.py``): the map is names only.
 ``adapter_config.json`` + ``adapter_model.safetensors`` is what ``peft.PeftModel.from_pretrained``
 reads.
+
+Mixture of experts: the adapters of the attention, the shared expert and every routed expert
+merge into their HF weights (one per expert, as the Hub format stores them). A peft adapter holds
+attention adapters only: transformers keeps the routed experts as fused 3D parameters
+(``experts.gate_up_proj [E, 2I, H]``) that peft's ``target_modules`` cannot name, so adapters on
+them are refused in peft form either way (:func:`check_peft_form`), with the merged export named.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -19,34 +27,99 @@ from megatron_simpo.errors import CheckpointError, ConfigError
 
 #: peft's prefix of a causal LM's keys (``PeftModelForCausalLM.base_model.model``).
 PEFT_PREFIX = "base_model.model."
-#: (Megatron module in a layer, its HF projections in fused order); as ``adapters.MODULES``,
-#: kept here so that export needs no Megatron import.
-MODULES = {
-    "self_attention.linear_qkv": ("q_proj", "k_proj", "v_proj"),
-    "self_attention.linear_proj": ("o_proj",),
-    "mlp.linear_fc1": ("gate_proj", "up_proj"),
-    "mlp.linear_fc2": ("down_proj",),
+#: Megatron linear (last part of its name) -> its HF projections in fused order; as
+#: ``adapters.LINEARS``, kept here so that export needs no Megatron import.
+LINEARS = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
 }
+_ATTENTION = ("self_attention.linear_qkv", "self_attention.linear_proj")
+_MLP = ("linear_fc1", "linear_fc2")
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
 
 
-def adapter_names(m: ModelConfig, lora: LoraConfig) -> list[tuple[str, str, str, int]]:
-    """(Megatron TP1 name, peft key, HF weight name, layer) of every adapter tensor."""
+class AdapterName(NamedTuple):
+    """One adapter tensor: its names and where the dist checkpoint holds it."""
+
+    mc: str
+    """Megatron TP1/EP1 state-dict name (``decoder.layers.0.[...].lora.parts.q_proj.lora_A``)."""
+    peft: str | None
+    """peft's key (None: a routed expert's, which has no peft form)."""
+    hf: str
+    """The HF weight it adapts."""
+    layer: int
+    expert: int | None
+    """The routed expert (None: not one)."""
+
+
+def layer_modules(m: ModelConfig) -> list[str]:
+    """The adaptable linears of one layer (names in the layer, TP1/EP1): attention and the
+    dense MLP, or attention, the shared expert and every routed expert of an MoE layer."""
+    if m.num_experts is None:
+        return [*_ATTENTION, *(f"mlp.{leaf}" for leaf in _MLP)]
+    out = list(_ATTENTION)
+    if m.shared_expert_intermediate_size is not None:
+        out += [f"mlp.shared_experts.{leaf}" for leaf in _MLP]
+    out += [f"mlp.experts.local_experts.{e}.{leaf}" for e in range(m.num_experts) for leaf in _MLP]
+    return out
+
+
+def checkpoint_location(mc: str) -> tuple[str, int | None, int | None]:
+    """(dist-checkpoint key, layer, expert) of a TP1 name: decoder-layer tensors are stacked
+    along a layer axis, a routed expert's along an expert axis after it (Megatron's
+    ``SequentialMLP`` names them ``experts.experts.``)."""
+    layer = _LAYER.search(mc)
+    if layer is None:
+        return mc, None, None
+    key = mc.replace(layer.group(0), ".layers.")
+    expert = _EXPERT.search(key)
+    if expert is None:
+        return key, int(layer.group(1)), None
+    return (
+        key.replace(expert.group(0), ".experts.experts."),
+        int(layer.group(1)),
+        int(expert.group(1)),
+    )
+
+
+def adapter_names(m: ModelConfig, lora: LoraConfig) -> list[AdapterName]:
+    """Every adapter tensor of the model, layer by layer."""
     hf_of = {mc: hf for mc, hf, _ in keymap.entries(m)}
     targets = lora.hf_targets()
     out = []
     for i in range(m.num_hidden_layers):
-        for module, projections in MODULES.items():
+        for module in layer_modules(m):
             hf_names = hf_of[f"decoder.layers.{i}.{module}.weight"]
+            expert = _EXPERT.search(f".{module}.")
+            e = int(expert.group(1)) if expert else None
+            projections = LINEARS[module.rsplit(".", 1)[1]]
             for proj, hf in zip(projections, hf_names, strict=True):
                 if proj not in targets:
                     continue
                 hf_mod = PEFT_PREFIX + hf.removesuffix(".weight")
                 mc = f"decoder.layers.{i}.{module}.lora.parts.{proj}."
-                out.append((mc + "lora_A", hf_mod + ".lora_A.weight", hf, i))
-                out.append((mc + "lora_B", hf_mod + ".lora_B.weight", hf, i))
+                tensors = [("lora_A", ".lora_A.weight"), ("lora_B", ".lora_B.weight")]
                 if lora.dora:
-                    out.append((mc + "lora_magnitude", hf_mod + ".lora_magnitude_vector", hf, i))
+                    tensors.append(("lora_magnitude", ".lora_magnitude_vector"))
+                for name, suffix in tensors:
+                    peft = None if e is not None else hf_mod + suffix
+                    out.append(AdapterName(mc + name, peft, hf, i, e))
     return out
+
+
+def check_peft_form(m: ModelConfig, lora: LoraConfig, flag: str) -> None:
+    """Refuses adapters on routed experts as a peft adapter (one line naming ``flag``)."""
+    if m.num_experts is None or not any(n.expert is not None for n in adapter_names(m, lora)):
+        return
+    raise ConfigError(
+        f"{flag}: adapters on the routed experts of this {m.model_type} model have no peft form "
+        "(transformers stores the experts as fused 3D parameters, which peft's target_modules "
+        "cannot name); export them merged (mcore-to-hf without --adapter-only), or train with "
+        "--lora-target qkv,o_proj for a peft adapter"
+    )
 
 
 def peft_config(lora: LoraConfig) -> dict:
@@ -98,10 +171,11 @@ def write_peft(
     returns a TP1 adapter tensor."""
     from safetensors.torch import save_file
 
+    check_peft_form(m, lora, "--adapter-only")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--hf-dir {out} is not empty; choose a new directory")
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {peft: get(mc, i).contiguous() for mc, peft, _, i in adapter_names(m, lora)}
+    tensors = {n.peft: get(n.mc, n.layer).contiguous() for n in adapter_names(m, lora)}
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(peft_config(lora), indent=2))
     return out
@@ -138,6 +212,7 @@ def peft_to_mcore(peft_dir: str | Path, base: str | Path, save: str | Path) -> P
         raise CheckpointError(f"{base}: no converted base checkpoint (with its model config) there")
     cfg.model = ModelConfig(**saved)
     cfg.lora = lora_config_of_peft(peft_dir)
+    check_peft_form(cfg.model, cfg.lora, f"{peft_dir}: target_modules")
     cfg.train.precision = "fp32"
     cfg.train.load = str(base)
     tensors = load_file(str(Path(peft_dir) / "adapter_model.safetensors"))
@@ -148,7 +223,7 @@ def peft_to_mcore(peft_dir: str | Path, base: str | Path, save: str | Path) -> P
     params = dict(model.named_parameters())
     names = adapter_names(cfg.model, cfg.lora)
     with torch.no_grad():
-        for mc, peft, _, _ in names:
+        for mc, peft, *_ in names:
             if peft not in tensors:
                 raise CheckpointError(f"{peft_dir}: no tensor {peft} (is it for this model?)")
             if params[mc].shape != tensors[peft].shape:

@@ -198,8 +198,11 @@ def counts_of(trainer: Trainer) -> dict[str, int]:
         "adapters": sum(
             p.numel() for c in trainer.model for n, p in c.named_parameters() if ".lora." in n
         ),
-        "buffered": sum(
-            p.numel() for chunk in trainer.model for b in chunk.buffers for p in b.params
+        "buffered": sum(  # dense and expert-parallel (reduced over expert-DP) buffers
+            p.numel()
+            for chunk in trainer.model
+            for b in (*chunk.buffers, *getattr(chunk, "expert_parallel_buffers", ()))
+            for p in b.params
         ),
         "optimizer": sum(
             p.numel() for o in inner for grp in o.optimizer.param_groups for p in grp["params"]

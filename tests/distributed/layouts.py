@@ -189,6 +189,21 @@ LAYOUTS: dict[str, Layout] = {
         AUX,
         model=QWEN2_MOE,
     ),
+    # LoRA / DoRA on mixture of experts: attention, every routed expert (SequentialMLP) and
+    # Qwen2-MoE's shared expert adapted, router and shared-expert gate frozen. EP2: each expert's
+    # adapters on its own rank, reduced over expert-DP; TP2 + SP: the experts TP-split (ETP2),
+    # their replicated factors' partial gradients summed over expert-TP, DoRA's row norms too.
+    "tp1_lora_mixtral": Layout(1, None, {}, AUX, model=MIXTRAL, lora=LORA),
+    "ep2_lora_mixtral": Layout(2, "tp1_lora_mixtral", EP2, AUX, model=MIXTRAL, lora=LORA),
+    "tp1_dora_qwen2moe": Layout(1, None, {}, AUX, model=QWEN2_MOE, lora=DORA),
+    "tp2_sp_dora_qwen2moe": Layout(
+        2,
+        "tp1_dora_qwen2moe",
+        {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+        AUX,
+        model=QWEN2_MOE,
+        lora=DORA,
+    ),
 }
 
 
